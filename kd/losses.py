@@ -27,22 +27,25 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_rever
 
 @dataclass
 class LossParts:
-    """Token sums for one micro-batch; `total(normaliser)` gives the scalar to backpropagate."""
+    """Token sums for one micro-batch.
 
-    ce_sum: torch.Tensor  # scalar, sum of CE over response tokens
-    kd_sum: torch.Tensor  # scalar, sum of the divergence over response tokens (without T^2)
+    `weighted_sum` = alpha * ce_sum + (1 - alpha) * T^2 * kd_sum carries the autograd graph;
+    `ce_sum` and `kd_sum` are detached copies for logging. Divide `weighted_sum` by the global
+    response-token count of the optimizer step (see `total`).
+    """
+
+    weighted_sum: torch.Tensor
+    ce_sum: torch.Tensor
+    kd_sum: torch.Tensor
     n_tokens: int
-    alpha: float
-    temperature: float
 
     def total(self, normaliser: float | torch.Tensor) -> torch.Tensor:
-        soft = (1.0 - self.alpha) * self.temperature**2 * self.kd_sum
-        return (self.alpha * self.ce_sum + soft) / normaliser
+        return self.weighted_sum / normaliser
 
 
-# Floor for log-probabilities: a masked (-inf) logit would otherwise give 0 * inf = NaN in the
-# forward pass or the backward pass; -1e30 keeps every product finite in fp32.
-_LOG_FLOOR = -1e30
+def mix(ce_sum: torch.Tensor, kd_sum: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
+    """The loss convention in one place: alpha * CE + (1 - alpha) * T^2 * D."""
+    return alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum
 
 
 def _kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -152,5 +155,7 @@ def kd_loss(
         beta=beta,
         skew=skew,
     )
+    ce_sum = ce.sum()
     kd_sum = kd.sum() if kd is not None else ce.new_zeros(())
-    return LossParts(ce.sum(), kd_sum, labels.numel(), alpha, temperature)
+    weighted = mix(ce_sum, kd_sum, alpha, temperature)
+    return LossParts(weighted, ce_sum.detach(), kd_sum.detach(), labels.numel())
