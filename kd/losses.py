@@ -48,6 +48,11 @@ def mix(ce_sum: torch.Tensor, kd_sum: torch.Tensor, alpha: float, temperature: f
     return alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum
 
 
+# Floor for log-probabilities: a masked (-inf) logit would otherwise give 0 * inf = NaN in the
+# forward pass or the backward pass; -1e30 keeps every product finite in fp32.
+_LOG_FLOOR = -1e30
+
+
 def _kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row, [N]. Entries with p == 0 contribute exactly 0, never NaN."""
     log_p = log_p.clamp_min(_LOG_FLOOR)
