@@ -1,0 +1,317 @@
+"""Typed configuration: dataclasses grouped by concern, values in YAML, one override grammar.
+
+    python -m kd.train --config configs/demo.yaml loss.temperature=2.0 --train.max_steps=50
+
+Both `a.b=v` and `--a.b=v` are accepted (the second is what a W&B sweep agent passes).
+Merging and type checks are OmegaConf's structured configs; `__post_init__` checks values.
+Unknown keys and wrong types raise `ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kd.errors import ConfigError
+from kd.losses import DIVERGENCES
+
+
+@dataclass
+class TeacherConfig:
+    name_or_path: str = MISSING
+    """Hub id, local directory, or `builtin:<name>` (tiny models built locally, see kd/demo.py)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."""
+    attn_implementation: Optional[str] = None
+    """Passed to from_pretrained (e.g. sdpa, flash_attention_2); None lets transformers choose."""
+
+    def __post_init__(self):
+        _choice("teacher.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class StudentConfig:
+    name_or_path: str = MISSING
+    """Hub id, local directory, or `builtin:<name>`. The student's tokenizer is the one used."""
+    dtype: str = "auto"
+    """Weights dtype, as for the teacher. Trainable weights stay fp32 under mixed precision."""
+    attn_implementation: Optional[str] = None
+    """Passed to from_pretrained."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+    def __post_init__(self):
+        _choice("student.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Local .jsonl/.json/.parquet files. Records: {system?, prompt, response} or {messages}."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files; if empty, `eval_fraction` of the training records is held out."""
+    dataset: Optional[str] = None
+    """A `datasets` name (hub or local script), used when train_files is empty."""
+    dataset_config: Optional[str] = None
+    """The dataset's configuration name, if it has several."""
+    train_split: str = "train"
+    """Split of `dataset` used for training."""
+    eval_split: Optional[str] = None
+    """Split of `dataset` used for eval; None holds out `eval_fraction` of the training split."""
+    eval_fraction: float = 0.05
+    """Fraction of training records held out when no eval files/split are given (0 = no eval)."""
+    max_length: int = 1024
+    """Maximum tokens per view (prompt + response)."""
+    min_prompt_tokens: int = 8
+    """Left-truncation never cuts a prompt below this many tokens (the end of the question and
+    the assistant header); the response is truncated instead, and dropped if nothing is left."""
+    erase_strategy: str = "on"
+    """Strategy-instruction erasure for the student view: on, off, or a probability p in [0, 1]
+    of erasing per example (decided by a seeded per-example coin, stable across resumes)."""
+    generic_system: Optional[str] = None
+    """Replacement system message for the student when the instruction is erased; None drops the
+    system message entirely."""
+    chat_template: Optional[str] = None
+    """chatml, llama2, or a Jinja template; None uses the tokenizer's own (required for base
+    models whose tokenizer has none)."""
+    shuffle: bool = True
+    """Shuffle training examples each epoch (seeded by train.seed and the epoch)."""
+    num_proc: Optional[int] = None
+    """Processes for tokenisation with datasets.map."""
+
+    def __post_init__(self):
+        p = self.erase_probability  # validates; YAML reads a bare `on` as true, so normalise
+        self.erase_strategy = {1.0: "on", 0.0: "off"}.get(p, str(p))
+        if self.max_length < 2:
+            raise ConfigError("data.max_length must be at least 2")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError("data.eval_fraction must be in [0, 1)")
+
+    @property
+    def erase_probability(self) -> float:
+        v = str(self.erase_strategy).strip().lower()
+        if v in ("on", "true", "yes"):
+            return 1.0
+        if v in ("off", "false", "no"):
+            return 0.0
+        try:
+            p = float(v)
+        except ValueError:
+            p = -1.0
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(
+                f"data.erase_strategy must be on, off or a probability in [0, 1], got {self.erase_strategy!r}"
+            )
+        return p
+
+
+@dataclass
+class LossConfig:
+    """total = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(p_teacher^T || p_student^T),
+    both terms summed over response tokens and divided by the global response-token count of the
+    optimizer step (all micro-batches of the accumulation window, all ranks)."""
+
+    alpha: float = 0.5
+    """Weight of the hard-label cross-entropy; 1 - alpha weighs the distillation term."""
+    temperature: float = 1.0
+    """Softmax temperature T applied to teacher and student logits in D; D is scaled by T^2."""
+    divergence: str = "forward_kl"
+    """forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd."""
+    beta: float = 0.5
+    """JSD interpolation: 0 = forward KL, 1 = reverse KL."""
+    skew: float = 0.1
+    """Skew KL mixing weight lambda (0 = plain KL)."""
+    implementation: str = "dense"
+    """dense: full logits at response positions; chunked: lm_head + loss chunk by chunk."""
+    chunk_size: int = 1024
+    """Rows per chunk for the chunked implementation."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError("loss.alpha must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature must be > 0")
+        _choice("loss.divergence", self.divergence, DIVERGENCES)
+        _choice("loss.implementation", self.implementation, ("dense", "chunked"))
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError("loss.beta must be in [0, 1]")
+        if not 0.0 <= self.skew < 1.0:
+            raise ConfigError("loss.skew must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio at train.max_steps."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 disables clipping)."""
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/kd"
+    """Where config.yaml, metrics.jsonl, checkpoints/ and student/ are written."""
+    max_steps: int = 100
+    """Optimizer steps to run."""
+    micro_batch_size: int = 4
+    """Examples per micro-batch per process."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; the global batch is micro_batch * accum * processes."""
+    seed: int = 0
+    """Seeds model init order, shuffling, erasure coins and dropout."""
+    mixed_precision: str = "auto"
+    """auto (bf16 on GPU, none on CPU), no, bf16 or fp16 (autocast; the loss is fp32 regardless)."""
+    eval_every: int = 50
+    """Evaluate on held-out data every this many steps (0 = only at the end)."""
+    eval_max_batches: int = 0
+    """Cap on eval micro-batches per evaluation (0 = the whole eval set)."""
+    save_every: int = 50
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep (older ones are deleted after a new one is complete)."""
+    resume: str = "latest"
+    """latest (resume from output_dir's latest checkpoint if any), a checkpoint path, or off."""
+    export: bool = True
+    """Write the final student with save_pretrained + tokenizer to <output_dir>/student/."""
+
+    def __post_init__(self):
+        _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        for k in ("max_steps", "micro_batch_size", "grad_accum_steps"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"train.{k} must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    tracker: str = "none"
+    """wandb or none. WANDB_MODE=offline works without a server."""
+    project: str = "kd"
+    """W&B project."""
+    run_name: Optional[str] = None
+    """W&B run name (default: W&B's)."""
+    entity: Optional[str] = None
+    """W&B entity (team or user)."""
+    log_every: int = 1
+    """Log train/* metrics every this many optimizer steps."""
+    progress_bar: bool = True
+    """tqdm bar on rank 0."""
+
+    def __post_init__(self):
+        _choice("log.tracker", self.tracker, ("wandb", "none"))
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def _choice(key: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema, e.g. ['teacher.name_or_path', ...]."""
+    keys = []
+    for f in fields(cls):
+        typ = f.default_factory if f.default_factory is not MISSING and is_dataclass(f.default_factory) else None
+        if typ is not None:
+            keys += all_keys(typ, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _explain(exc: OmegaConfBaseException, where: str) -> str:
+    key = getattr(exc, "full_key", None) or ""
+    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
+        known = all_keys() if "." in key else [f.name for f in fields(Config)]
+        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        return f"unknown config key '{key}'{where}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    return f"bad value for '{key}'{where}: {msg.splitlines()[0]}"
+
+
+def _normalise_override(arg: str) -> str:
+    a = arg[2:] if arg.startswith("--") else arg
+    if "=" not in a:
+        raise ConfigError(f"override {arg!r} must look like key=value or --key=value")
+    return a
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """YAML file (optional) + dotted overrides -> validated `Config`."""
+    schema = OmegaConf.structured(Config)
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((OmegaConf.load(path), f" in {path}"))
+        except Exception as e:  # YAML syntax errors
+            raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if overrides:
+        dotlist = [_normalise_override(o) for o in overrides]
+        try:
+            layers.append((OmegaConf.from_dotlist(dotlist), " (command line)"))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    for layer, where in layers:
+        try:
+            schema = OmegaConf.merge(schema, layer)
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, where)) from None
+    missing = sorted(OmegaConf.missing_keys(schema))
+    if missing:
+        raise ConfigError(f"missing required config key '{missing[0]}'")
+    try:
+        return OmegaConf.to_object(schema)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, "")) from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flat_dict(cfg: Config) -> dict[str, Any]:
+    """{'loss.alpha': 0.5, ...}: what trackers show as run config columns."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + k + ".")
+            else:
+                out[prefix + k] = v
+
+    walk(to_dict(cfg), "")
+    return out

@@ -1,0 +1,90 @@
+"""Model forwards that stop at the hidden states of response positions, and the loss on them.
+
+Neither model ever projects padding or prompt positions through its lm_head: the decoder body
+runs on the whole sequence, then only the N rows that predict response tokens are kept. The
+dense path projects those rows to [N, V] logits in fp32; the chunked path never builds [N, V].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.config import LossConfig
+from kd.losses import kd_loss, mix, token_losses
+
+
+def response_hidden(model, input_ids, attention_mask, index) -> torch.Tensor:
+    """Final (normed) hidden states at the flat positions `index` of [B, L]: [N, H]."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    h = out.last_hidden_state
+    return h.reshape(-1, h.shape[-1]).index_select(0, index)
+
+
+def head(model) -> nn.Linear:
+    return model.get_output_embeddings()
+
+
+def fp32_logits(hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
+    """[N, H] -> [N, V] in fp32 with autocast off: bf16 logits would bias the divergence."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        bias = None if lm_head.bias is None else lm_head.bias.float()
+        return F.linear(hidden.float(), lm_head.weight.float(), bias)
+
+
+@torch.no_grad()
+def teacher_forward(teacher, batch: dict) -> torch.Tensor:
+    """Teacher hidden states at the response positions of its own view: [N, Ht]."""
+    return response_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_index"])
+
+
+class Distiller(nn.Module):
+    """The student and its loss in one module, so DDP/DeepSpeed wrap the whole forward.
+
+    forward(batch, teacher_hidden, teacher_head) -> dict of token sums (see LossParts): the
+    caller divides `weighted_sum` by the global response-token count before backward.
+    """
+
+    def __init__(self, student, loss: LossConfig, vocab_size: int):
+        super().__init__()
+        self.student = student
+        self.loss_cfg = loss
+        self.vocab_size = vocab_size
+
+    def forward(self, batch: dict, teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None):
+        c = self.loss_cfg
+        h = response_hidden(self.student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
+        use_teacher = teacher_hidden is not None and c.alpha < 1.0
+        kw = dict(vocab_size=self.vocab_size, alpha=c.alpha, temperature=c.temperature, divergence=c.divergence,
+                  beta=c.beta, skew=c.skew)
+        s_head = head(self.student)
+        if c.implementation == "chunked":
+            from kd.chunked import chunked_kd_loss
+
+            with torch.autocast(h.device.type, enabled=False):
+                parts = chunked_kd_loss(
+                    h, s_head.weight, teacher_hidden if use_teacher else None,
+                    teacher_head.weight if use_teacher else None, batch["labels"],
+                    student_bias=s_head.bias, teacher_bias=teacher_head.bias if use_teacher else None,
+                    chunk_size=c.chunk_size, **kw,
+                )
+        else:
+            t_logits = fp32_logits(teacher_hidden, teacher_head) if use_teacher else None
+            parts = kd_loss(fp32_logits(h, s_head), t_logits, batch["labels"], **kw)
+        return dict(weighted_sum=parts.weighted_sum, ce_sum=parts.ce_sum, kd_sum=parts.kd_sum)
+
+
+@torch.no_grad()
+def eval_sums(student, teacher, batch: dict, loss: LossConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Token sums for evaluation: student CE, divergence to the teacher (whatever alpha is),
+    the configured total, and top-1 teacher-student agreement."""
+    hs = response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
+    s_logits = fp32_logits(hs, head(student))[:, :vocab_size]
+    t_logits = fp32_logits(teacher_forward(teacher, batch), head(teacher))[:, :vocab_size]
+    ce, kd = token_losses(s_logits, t_logits, batch["labels"], vocab_size=vocab_size, temperature=loss.temperature,
+                          divergence=loss.divergence, beta=loss.beta, skew=loss.skew)
+    ce, kd = ce.sum(), kd.sum()
+    agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).sum().float()
+    tokens = torch.tensor(float(batch["labels"].numel()), device=hs.device)
+    return dict(ce=ce, kd=kd, loss=mix(ce, kd, loss.alpha, loss.temperature), top1_agreement=agree, tokens=tokens)

@@ -1,0 +1,83 @@
+"""Every rank-0 side effect behind one object: console lines, the progress bar, metrics.jsonl and
+the experiment tracker (W&B through accelerate's trackers, or none). Other ranks get no-ops, so the
+training loop has no `if main_process:` branches."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kd.config import Config, flat_dict
+
+
+class Tracker:
+    def __init__(self, accelerator, cfg: Config):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.out = Path(cfg.train.output_dir)
+        self.cfg = cfg
+        self.bar = None
+        self._jsonl = None
+        if self.main and cfg.log.tracker == "wandb":
+            init = {"dir": str(self.out), "id": self._run_id(), "resume": "allow"}
+            if cfg.log.run_name:
+                init["name"] = cfg.log.run_name
+            if cfg.log.entity:
+                init["entity"] = cfg.log.entity
+            accelerator.init_trackers(cfg.log.project, config=flat_dict(cfg), init_kwargs={"wandb": init})
+
+    def _run_id(self) -> str:
+        """One W&B run per output_dir, so a resumed run continues the same charts."""
+        path = self.out / "wandb_run_id"
+        if path.exists():
+            return path.read_text().strip()
+        run_id = uuid.uuid4().hex[:12]
+        path.write_text(run_id)
+        return run_id
+
+    def print(self, *args) -> None:
+        if not self.main:
+            return
+        msg = " ".join(str(a) for a in args)
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def start(self, first_step: int, total: int) -> None:
+        """Open metrics.jsonl (dropping rows past `first_step`, which a resumed run rewrites) and the bar."""
+        if not self.main:
+            return
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= first_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, path)
+        self._jsonl = open(path, "a", buffering=1)
+        if self.cfg.log.progress_bar:
+            self.bar = tqdm(total=total, initial=first_step, desc="kd", dynamic_ncols=True)
+
+    def log(self, row: dict, step: int) -> None:
+        if not self.main:
+            return
+        self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
+        self.accelerator.log(row, step=step)
+        if self.bar is not None and "train/loss" in row:
+            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+        self.accelerator.end_training()

@@ -1,0 +1,204 @@
+"""Distil a frozen teacher into a student: the whole training loop, top to bottom.
+
+    accelerate launch kd/train.py --config configs/demo.yaml [key=value | --key=value ...]
+    python -m kd.train --config configs/demo.yaml train.max_steps=10
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a file: make `kd` importable, not kd/*.py
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import contextlib
+import math
+import os
+import time
+
+import torch
+from accelerate.utils import set_seed
+
+from kd import checkpoint
+from kd.config import Config, load_config, to_yaml
+from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
+from kd.distributed import global_sum, make_accelerator
+from kd.errors import KDError
+from kd.forward import Distiller, eval_sums, head, teacher_forward
+from kd.models import load_all
+from kd.tracking import Tracker
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config):
+    """AdamW without decay on biases and norm weights; linear warmup then cosine to min_lr_ratio."""
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    total = cfg.train.max_steps
+
+    def lr_factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def evaluate(accelerator, student, teacher, dataset, cfg: Config, pad_id: int, vocab: int) -> dict[str, float]:
+    """Held-out student CE, divergence to the teacher and top-1 agreement, per response token."""
+    keys = ("ce", "kd", "loss", "top1_agreement", "tokens")
+    totals = torch.zeros(len(keys), dtype=torch.float64, device=accelerator.device)
+    student.eval()
+    batches = eval_batches(dataset, cfg.train.micro_batch_size, accelerator.num_processes,
+                           accelerator.process_index, pad_id, cfg.train.eval_max_batches)
+    for batch in batches:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            sums = eval_sums(student, teacher, batch, cfg.loss, vocab)
+        totals += torch.stack([sums[k].double() for k in keys])
+    student.train()
+    totals = global_sum(accelerator, totals)
+    n = max(totals[-1].item(), 1.0)
+    row = {f"eval/{k}": totals[i].item() / n for i, k in enumerate(keys[:-1])}
+    row["eval/ppl"] = math.exp(min(row["eval/ce"], 50.0))
+    row["eval/tokens"] = totals[-1].item()
+    return row
+
+
+def quiet_libraries() -> None:
+    """Per-file progress bars from datasets/transformers drown the training bar."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def train(cfg: Config) -> dict:
+    quiet_libraries()
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.train.seed)
+    out = Path(cfg.train.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    accelerator.wait_for_everyone()
+    tracker = Tracker(accelerator, cfg)
+
+    tokenizer, teacher, student = load_all(cfg, accelerator.device.type)
+    vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
+    train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tokenizer, cfg.train.seed)
+    tracker.print(train_stats.summary("train data"))
+    if eval_stats is not None:
+        tracker.print(eval_stats.summary("eval data"))
+
+    distiller = Distiller(student, cfg.loss, vocab)
+    optimizer, scheduler = make_optimizer(distiller, cfg)
+    distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    teacher.to(accelerator.device)
+    teacher_head = head(teacher)
+    use_teacher = cfg.loss.alpha < 1.0  # CE-only training never runs the teacher forward
+
+    world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
+    sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
+                                cfg.train.seed, cfg.data.shuffle)
+    step = 0
+    resume_from = checkpoint.find(cfg.train.output_dir, cfg.train.resume)
+    if resume_from is not None:
+        step = checkpoint.load(accelerator, resume_from)["step"]
+        tracker.print(f"resumed from {resume_from} at step {step}")
+    tracker.start(step, cfg.train.max_steps)
+    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, cfg.train.max_steps * accum))
+
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        micro = [next(batches) for _ in range(accum)]
+        # Normalise by the response tokens of the whole optimizer step on all ranks, known before
+        # any backward: (micro 8, accum 1) and (micro 2, accum 4) and 2 ranks give equal gradients.
+        counts = global_sum(accelerator, [sum(b["labels"].numel() for b in micro),
+                                          sum(int(b["student_attention_mask"].sum()) for b in micro)])
+        micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
+        n_global = max(counts[0].item(), 1.0)
+        sums = torch.zeros(3, device=accelerator.device)
+        for i, batch in enumerate(micro):
+            # gradients are all-reduced only once, on the last micro-batch
+            sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(distiller)
+            with sync:
+                with accelerator.autocast():
+                    t_hidden = teacher_forward(teacher, batch) if use_teacher else None
+                parts = distiller(batch, t_hidden, teacher_head)
+                # DDP averages gradients over ranks, hence * world: the result is sum / n_global
+                accelerator.backward(parts["weighted_sum"] * (world / n_global))
+            sums += torch.stack([parts["weighted_sum"].detach(), parts["ce_sum"], parts["kd_sum"]]).float()
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tracker.advance()
+
+        last = step == cfg.train.max_steps
+        row = {}
+        if step % cfg.log.log_every == 0 or last:
+            loss, ce, kd = (global_sum(accelerator, sums) / n_global).tolist()
+            dt = time.perf_counter() - t0
+            row = {"train/loss": loss, "train/ce": ce, "train/kd": kd, "train/lr": lr,
+                   "train/grad_norm": float(grad_norm), "train/response_tokens": n_global,
+                   "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum)}
+        if eval_set is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
+            row.update(evaluate(accelerator, accelerator.unwrap_model(distiller).student, teacher, eval_set,
+                                cfg, pad_id, vocab))
+        if row:
+            tracker.log(row, step)
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
+            path = checkpoint.save(accelerator, cfg.train.output_dir, step, {"step": step},
+                                   cfg.train.keep_checkpoints)
+            tracker.print(f"step {step}: checkpoint {path}")
+
+    if cfg.train.export:
+        path = checkpoint.export(accelerator, distiller, tokenizer, cfg.train.output_dir)
+        tracker.print(f"student exported to {path}")
+    tracker.finish()
+    return {"step": step}
+
+
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+    ap = argparse.ArgumentParser(prog="kd.train", description=__doc__.split("\n")[0],
+                                 epilog="Overrides: key=value or --key=value, e.g. loss.temperature=2.0")
+    ap.add_argument("--config", help="YAML file with config values (see kd/config.py)")
+    args, rest = ap.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):  # accept `--key value` too
+        a = rest[i]
+        if a.startswith("--") and "=" not in a and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            overrides.append(f"{a}={rest[i + 1]}")
+            i += 2
+        else:
+            overrides.append(a)
+            i += 1
+    return args.config, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        path, overrides = parse_args(argv)
+        train(load_config(path, overrides))
+    except KDError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails the same way; say it once
+            print(f"kd: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
