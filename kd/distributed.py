@@ -19,7 +19,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     mp = cfg.train.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     return Accelerator(
+        # cpu=True makes a CPU multi-process launch use DDP over gloo (else each rank trains alone);
+        # DeepSpeed on CPU must not get it (it would silently drop DeepSpeed)
+        cpu=not torch.cuda.is_available() and not deepspeed,
         mixed_precision=mp,
         log_with="wandb" if cfg.log.tracker == "wandb" else None,
         project_dir=cfg.train.output_dir,
