@@ -273,7 +273,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             layers.append((OmegaConf.load(path), f" in {path}"))
         except Exception as e:  # YAML syntax errors
-            raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"cannot parse {path}: {' '.join(str(e).split())[:300]}") from None
     if overrides:
         dotlist = [_normalise_override(o) for o in overrides]
         try:

@@ -267,16 +267,17 @@ class MicroBatchSampler:
     Each epoch is a seeded permutation; global micro-batch j of the epoch is the slice
     [j*B*W, (j+1)*B*W) and rank r takes its r-th block of B. One optimizer step consumes the same
     examples whatever the split into micro-batch size, accumulation and ranks, and resuming only
-    needs k. The incomplete tail of an epoch is skipped (every rank runs the same forwards).
+    needs k. An epoch is a whole number of optimizer steps (so epoch boundaries fall on the same
+    step for every split); its incomplete tail is skipped, and every rank runs the same forwards.
     """
 
     def __init__(self, n: int, micro_batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, accum: int = 1):
         self.n, self.mb, self.world, self.rank, self.seed, self.shuffle = n, micro_batch_size, world_size, rank, seed, shuffle
-        self.per_epoch = n // (micro_batch_size * world_size)
+        self.per_epoch = n // (micro_batch_size * world_size * accum) * accum
         if self.per_epoch == 0:
-            raise DataError(f"only {n} training examples, fewer than one global micro-batch "
-                            f"({micro_batch_size} x {world_size} processes)")
+            raise DataError(f"only {n} training examples, fewer than one optimizer step's global batch "
+                            f"({micro_batch_size} x {accum} accumulation x {world_size} processes)")
         self._epoch, self._perm = None, None
 
     def _permutation(self, epoch: int) -> list[int]:

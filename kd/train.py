@@ -110,7 +110,7 @@ def train(cfg: Config) -> dict:
 
     world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
     sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
-                                cfg.train.seed, cfg.data.shuffle)
+                                cfg.train.seed, cfg.data.shuffle, accum)
     step = 0
     resume_from = checkpoint.find(cfg.train.output_dir, cfg.train.resume)
     if resume_from is not None:

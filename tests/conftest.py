@@ -1,0 +1,76 @@
+"""Shared fixtures: a per-session KD_HOME (builtin tiny models are built once, never in ~/.cache),
+small data files, and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+ACCELERATE = str(Path(PY).with_name("accelerate"))
+
+# Set before any test imports kd, and inherited by every subprocess the tests start.
+os.environ.setdefault("KD_HOME", tempfile.mkdtemp(prefix="kd-test-home-"))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args: list[str], *, procs: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the trainer as a user would: `python -m kd.train` (procs=0) or `accelerate launch`."""
+    if procs == 0:
+        cmd = [PY, "-m", "kd.train", *args]
+    else:
+        cfg = "launch/cpu.yaml" if procs == 1 else "launch/cpu_ddp2.yaml"
+        cmd = [ACCELERATE, "launch", "--config_file", cfg, "--main_process_port", str(free_port()),
+               "--num_cpu_threads_per_process", "1", "kd/train.py", *args]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory) -> dict[str, str]:
+    """48 train / 16 eval records from the shipped demo data (both strategies, both families)."""
+    d = tmp_path_factory.mktemp("data")
+    rows = [json.loads(line) for line in open(ROOT / "data/demo/train.jsonl")]
+    evals = [json.loads(line) for line in open(ROOT / "data/demo/eval.jsonl")]
+    paths = {}
+    for name, recs in (("train", rows[:48]), ("eval", evals[:16])):
+        p = d / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        paths[name] = str(p)
+    return paths
+
+
+def tiny_overrides(data: dict[str, str], out: Path, **extra) -> list[str]:
+    """Overrides that make the demo config a seconds-long run on `small_data`."""
+    base = {
+        "data.train_files": f"[{data['train']}]",
+        "data.eval_files": f"[{data['eval']}]",
+        "data.max_length": 256,
+        "train.output_dir": str(out),
+        "train.micro_batch_size": 4,
+        "train.grad_accum_steps": 1,
+        "train.max_steps": 3,
+        "train.eval_every": 0,
+        "train.save_every": 0,
+        "log.progress_bar": "false",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,161 @@
+"""Two aligned views per example: identical response ids, labels on response tokens only."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd import demo, templates
+from kd.config import DataConfig
+from kd.data import (MicroBatchSampler, build_datasets, collate, erase_coin, eval_batches, fit_length,
+                     load_records, render_views, tokenize_dataset)
+from kd.errors import DataError
+from kd.models import load_tokenizer
+
+REC = {"system": "Solve step by step and show every carry.", "prompt": "What is 1234 + 5678?",
+       "response": "4+8=12 write 2 carry 1\nThe answer is 6912."}
+
+
+@pytest.fixture(scope="module")
+def chatml_tok():
+    return load_tokenizer("builtin:tokenizer")
+
+
+@pytest.fixture(scope="module")
+def llama_tok(tmp_path_factory):
+    """The real 32000-entry LLaMA-style SentencePiece vocabulary (shipped inside mistral-common)."""
+    mc = pytest.importorskip("mistral_common")
+    d = tmp_path_factory.mktemp("llama_tok")
+    shutil.copy(Path(mc.__file__).parent / "data" / "tokenizer.model.v1", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = load_tokenizer(str(d), chat_template="llama2")
+    assert len(tok) == 32000
+    return tok
+
+
+@pytest.fixture(params=["chatml", "llama2"])
+def tok(request, chatml_tok, llama_tok):
+    return chatml_tok if request.param == "chatml" else llama_tok
+
+
+def _views(tok, rec=REC, **kw):
+    kw.setdefault("erase", True)
+    kw.setdefault("generic_system", None)
+    return render_views(rec, tok, **kw)
+
+
+def test_response_ids_identical_and_labels_on_response_only(tok):
+    for generic in (None, "You are a helpful assistant."):
+        t, s, r = _views(tok, generic_system=generic)
+        assert t != s and len(t) > len(s)  # the instruction is in the teacher prompt only
+        text = tok.decode(r, skip_special_tokens=True)
+        assert REC["response"].split("\n")[-1] in text and REC["system"] not in tok.decode(s)
+        ex = {"teacher_ids": t + r, "student_ids": s + r, "teacher_start": len(t), "student_start": len(s),
+              "n_response": len(r)}
+        b = collate([ex, ex], pad_id=0)
+        # label at flat index i is the token right after position index[i], in both views
+        for view in ("teacher", "student"):
+            ids = b[f"{view}_input_ids"].flatten()
+            assert torch.equal(ids[b[f"{view}_index"] + 1], b["labels"])
+        assert b["labels"].tolist() == r + r
+
+
+def test_not_erased_views_are_identical(tok):
+    t, s, r = _views(tok, erase=False)
+    assert t == s
+
+
+def test_messages_form_matches_flat_form(chatml_tok):
+    msgs = {"messages": [{"role": "system", "content": REC["system"]}, {"role": "user", "content": REC["prompt"]},
+                         {"role": "assistant", "content": REC["response"]}]}
+    assert _views(chatml_tok, msgs) == _views(chatml_tok, REC)
+
+
+def test_record_without_system(chatml_tok):
+    rec = {"prompt": "hi", "response": "hello"}
+    t, s, r = _views(chatml_tok, rec, generic_system="You are a helpful assistant.")
+    assert len(s) > len(t)  # the student gets the generic message, the teacher had none
+
+
+def test_erasure_probability_is_seeded_per_example():
+    coins = [erase_coin(7, i, 0.5) for i in range(2000)]
+    assert coins == [erase_coin(7, i, 0.5) for i in range(2000)]
+    assert 900 < sum(coins) < 1100
+    assert all(erase_coin(7, i, 1.0) for i in range(10)) and not any(erase_coin(7, i, 0.0) for i in range(10))
+
+
+def test_fit_length_cuts_prompt_left_first_then_response():
+    t, s, r = list(range(100, 120)), list(range(200, 210)), list(range(10))
+    assert fit_length(t, s, r, 64, 4) == (t, s, r)
+    tt, ss, rr = fit_length(t, s, r, 16, 4)  # prompts cut from the left, response intact
+    assert rr == r and tt == t[-6:] and ss == s[-6:]
+    tt, ss, rr = fit_length(t, s, r, 10, 4)  # prompts at their floor, response cut from the right
+    assert rr == r[:6] and tt == t[-4:] and ss == s[-4:]
+    assert fit_length(t, s, r, 4, 4) is None  # nothing of the response fits
+
+
+def _write(tmp_path, rows, name="d.jsonl"):
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(p)
+
+
+def test_dropped_examples_are_counted(tmp_path, chatml_tok):
+    long = dict(REC, prompt="x " * 50)
+    cfg = DataConfig(train_files=[_write(tmp_path, [REC, long])], max_length=16, min_prompt_tokens=16)
+    ds, stats = tokenize_dataset(load_records(cfg.train_files), chatml_tok, cfg, seed=0)
+    assert stats.examples == len(ds) == 0 and sum(stats.dropped.values()) == 2
+    assert "dropped 2" in stats.summary("train")
+    with pytest.raises(DataError, match="no training example survives"):
+        build_datasets(cfg, chatml_tok, seed=0)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([REC, {"prompt": "p"}], r"d\.jsonl row 2: missing 'response'"),
+    ([REC, {"prompt": "p", "response": 3}], r"row 2: not a string: 'response'"),
+    ([REC, '{"prompt": "p", "response"'], r"d\.jsonl:2: invalid JSON"),
+    ([REC, {"messages": [{"role": "user", "content": "q"}]}], r"row 2: the last message must be the assistant"),
+    ([REC, dict(REC, response="  ")], r"row 2: empty response"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, chatml_tok, rows, message):
+    cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0)
+    with pytest.raises(DataError, match=message):
+        build_datasets(cfg, chatml_tok, seed=0)
+
+
+def test_missing_file_and_bad_suffix(tmp_path, chatml_tok):
+    with pytest.raises(DataError, match="not found"):
+        load_records([str(tmp_path / "nope.jsonl")])
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_records([str(tmp_path / "x.csv")])
+
+
+def test_sampler_consumes_the_same_examples_per_step_whatever_the_split():
+    n, seed = 50, 3
+
+    def step_examples(mb, accum, world, step):
+        out = set()
+        for rank in range(world):
+            s = MicroBatchSampler(n, mb, world, rank, seed, accum=accum)
+            for k in range(step * accum, (step + 1) * accum):
+                out |= set(s.indices(k))
+        return out
+
+    for step in range(12):  # crosses epoch boundaries
+        ref = step_examples(8, 1, 1, step)
+        assert len(ref) == 8
+        assert step_examples(2, 4, 1, step) == ref == step_examples(4, 1, 2, step) == step_examples(2, 2, 2, step)
+
+
+def test_eval_batches_give_every_rank_the_same_count(chatml_tok):
+    ex = {"teacher_ids": [1, 2, 3], "student_ids": [1, 3], "teacher_start": 2, "student_start": 1, "n_response": 1}
+    ds = [ex] * 5
+    per_rank = [list(eval_batches(ds, 2, 2, r, 0)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 2
+    assert sum(int(b["labels"].numel()) for bs in per_rank for b in bs) == 5  # no token counted twice
