@@ -315,3 +315,41 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
 
     walk(to_dict(cfg), "")
     return out
+
+
+def reference() -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every field, docs taken from the string under each field."""
+    import ast
+    import inspect
+
+    docs: dict[tuple[str, str], str] = {}
+    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        body = cls.body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[(cls.name, node.target.id)] = " ".join(str(nxt.value.value).split())
+    rows = []
+    defaults = flat_dict_defaults()
+    for group in fields(Config):
+        for f in fields(group.default_factory):
+            key = f"{group.name}.{f.name}"
+            rows.append((key, defaults.get(key, "???"), docs.get((group.default_factory.__name__, f.name), "")))
+    return rows
+
+
+def flat_dict_defaults() -> dict[str, str]:
+    c = OmegaConf.structured(Config)
+    out = {}
+    for key in all_keys():
+        node = OmegaConf.select(c, key, throw_on_missing=False)
+        group, leaf = key.split(".", 1)
+        missing = OmegaConf.is_missing(c[group], leaf)
+        out[key] = "(required)" if missing else repr(node if not OmegaConf.is_config(node) else OmegaConf.to_container(node))
+    return out
+
+
+if __name__ == "__main__":  # python -m kd.config: the reference table in README
+    print("| key | default | meaning |\n|---|---|---|")
+    for key, default, doc in reference():
+        print(f"| `{key}` | `{default}` | {doc.replace('|', '&#124;')} |")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from kd.config import LossConfig
@@ -18,8 +19,7 @@ from kd.losses import kd_loss, mix, token_losses
 def response_hidden(model, input_ids, attention_mask, index) -> torch.Tensor:
     """Final (normed) hidden states at the flat positions `index` of [B, L]: [N, H]."""
     out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    h = out.last_hidden_state
-    return h.reshape(-1, h.shape[-1]).index_select(0, index)
+    return rearrange(out.last_hidden_state, "b l h -> (b l) h").index_select(0, index)
 
 
 def head(model) -> nn.Linear:

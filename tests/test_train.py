@@ -154,3 +154,12 @@ def test_mismatched_tokenizers_are_refused(small_data, tmp_path):
                   check=False)
     assert res.returncode == 2
     assert "use different tokenizers" in res.stderr.strip().splitlines()[-1]
+
+
+def test_wandb_offline_tracking(small_data, tmp_path):
+    out = tmp_path / "run"
+    run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{"train.max_steps": 2, "log.tracker": "wandb",
+                                                                     "log.project": "kd-test"})])
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert runs[0].name.endswith((out / "wandb_run_id").read_text())  # resumes continue the same run
