@@ -180,7 +180,7 @@ def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=No
         erased = erase_coin(seed, idx, p_erase)
         t, s, r = render_views(rec, tokenizer, erase=erased, generic_system=cfg.generic_system, where=where)
         fitted = fit_length(t, s, r, cfg.max_length, cfg.min_prompt_tokens)
-        out = dict(teacher_ids=[], student_ids=[], teacher_start=0, student_start=0, n_response=0,
+        out = dict(example_id=idx, teacher_ids=[], student_ids=[], teacher_start=0, student_start=0, n_response=0,
                    erased=erased, truncated=False, drop="")
         if fitted is None:
             out["drop"] = "response does not fit data.max_length"
@@ -258,6 +258,9 @@ def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -
         out[f"{view}_index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
     labels = [torch.tensor(e["student_ids"][e["student_start"]:], dtype=torch.long) for e, k in zip(examples, keep) if k]
     out["labels"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    # which examples the label rows come from (in order), e.g. to look up cached teacher outputs
+    out["example_ids"] = torch.tensor([e.get("example_id", -1) for e, k in zip(examples, keep) if k], dtype=torch.long)
+    out["n_response"] = torch.tensor([e["n_response"] for e, k in zip(examples, keep) if k], dtype=torch.long)
     return out
 
 
