@@ -96,6 +96,10 @@ def export(accelerator, distiller, tokenizer, output_dir: str) -> Path:
         state_dict = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
         shutil.rmtree(tmp, ignore_errors=True)
         student = accelerator.unwrap_model(distiller).student
+        if getattr(student.config, "tie_word_embeddings", False):
+            # a gathered (ZeRO) state dict holds tied weights as separate copies: keep the source only
+            for key in getattr(student, "_tied_weights_keys", None) or {}:
+                state_dict.pop(key, None)
         student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if out.exists():

@@ -29,9 +29,20 @@ class TeacherConfig:
     """Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."""
     attn_implementation: Optional[str] = None
     """Passed to from_pretrained (e.g. sdpa, flash_attention_2); None lets transformers choose."""
+    zero3: bool = True
+    """Under DeepSpeed, shard the teacher with ZeRO-3 for inference (partitioned across ranks,
+    whatever stage the student uses). False replicates the whole teacher on every GPU."""
+    offload: bool = False
+    """With zero3: keep the teacher's parameter partitions in CPU memory (slower, for big teachers)."""
+    cache: Optional[str] = None
+    """Directory of a teacher-logit cache (`python -m kd.cache` writes it there): training then
+    loads no teacher and distils from the cached top-k logits plus one tail bucket; a cache that
+    does not match the data, tokenizer or length limits is refused. See kd/cache.py."""
 
     def __post_init__(self):
         _choice("teacher.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.cache is not None and not str(self.cache).strip():
+            raise ConfigError("teacher.cache must be a directory, or null for the live teacher")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from kd.config import LossConfig
+from kd.distributed import gathered
 from kd.losses import kd_loss, mix, token_losses
 
 
@@ -49,8 +50,18 @@ class Distiller(nn.Module):
     def __init__(self, student, loss: LossConfig, vocab_size: int):
         super().__init__()
         self.student = student
+        self.config = student.config  # DeepSpeed sizes its "auto" buckets from config.hidden_size
         self.loss_cfg = loss
         self.vocab_size = vocab_size
+
+    def register_zero3_head(self) -> None:
+        """Under ZeRO-3 (call after the engine partitioned the student): the loss uses lm_head.weight
+        outside lm_head.forward, so this module's forward must gather it."""
+        weight = head(self.student).weight
+        if hasattr(weight, "ds_id"):
+            import deepspeed
+
+            deepspeed.zero.register_external_parameter(self, weight)
 
     def forward(self, batch: dict, teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None):
         c = self.loss_cfg
@@ -80,8 +91,11 @@ def eval_sums(student, teacher, batch: dict, loss: LossConfig, vocab_size: int) 
     """Token sums for evaluation: student CE, divergence to the teacher (whatever alpha is),
     the configured total, and top-1 teacher-student agreement."""
     hs = response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
-    s_logits = fp32_logits(hs, head(student))[:, :vocab_size]
-    t_logits = fp32_logits(teacher_forward(teacher, batch), head(teacher))[:, :vocab_size]
+    ht = teacher_forward(teacher, batch)
+    # after both forwards: under ZeRO-3 a tied lm_head is released again when the embedding runs
+    with gathered(head(student).weight, head(teacher).weight):
+        s_logits = fp32_logits(hs, head(student))[:, :vocab_size]
+        t_logits = fp32_logits(ht, head(teacher))[:, :vocab_size]
     ce, kd = token_losses(s_logits, t_logits, batch["labels"], vocab_size=vocab_size, temperature=loss.temperature,
                           divergence=loss.divergence, beta=loss.beta, skew=loss.skew)
     ce, kd = ce.sum(), kd.sum()

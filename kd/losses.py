@@ -62,6 +62,9 @@ def _kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 def _log_mix(log_p: torch.Tensor, log_q: torch.Tensor, w: float) -> torch.Tensor:
     """log(w * p + (1 - w) * q), computed in log space (no underflow for tiny probabilities)."""
+    # Floor first: logaddexp(-inf, -inf) has a NaN gradient (a column masked in both models).
+    log_p = log_p.clamp_min(_LOG_FLOOR)
+    log_q = log_q.clamp_min(_LOG_FLOOR)
     return torch.logaddexp(log_p + math.log(w), log_q + math.log1p(-w))
 
 

@@ -57,31 +57,53 @@ def load_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str |
 
 
 def check_vocab(model, vocab_size: int, role: str) -> None:
-    rows = model.get_output_embeddings().weight.shape[0]
+    weight = model.get_output_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions keep the full shape here
     if rows < vocab_size:
         raise ModelError(f"{role} has {rows} output rows, fewer than the tokenizer's {vocab_size} tokens")
 
 
-def load_all(cfg: Config, device_type: str):
-    """-> (tokenizer, teacher, student). The teacher is frozen and in eval mode."""
+def load_tokenizers(cfg: Config, check_teacher: bool = True):
+    """The student's tokenizer (the one used for data), after checking the teacher uses the same
+    (check_teacher=False when training from a teacher cache: its manifest carries that check)."""
     tok = load_tokenizer(cfg.student.name_or_path, cfg.data.chat_template)
     if tok.chat_template is None:
         raise ModelError(
             f"tokenizer of {cfg.student.name_or_path!r} has no chat template; set data.chat_template "
             f"to {' or '.join(templates.BUILTIN)} or a Jinja template"
         )
-    vocab = len(tok)
-    t_tok = load_tokenizer(cfg.teacher.name_or_path, cfg.data.chat_template)
-    check_same_tokenizer(tok, t_tok, cfg.student.name_or_path, cfg.teacher.name_or_path)
+    if check_teacher:
+        t_tok = load_tokenizer(cfg.teacher.name_or_path, cfg.data.chat_template)
+        check_same_tokenizer(tok, t_tok, cfg.student.name_or_path, cfg.teacher.name_or_path)
+    return tok
+
+
+def teacher_hidden_size(cfg: Config) -> int:
+    """From the config file alone (sizes the teacher's DeepSpeed buckets before loading it)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(demo.resolve(cfg.teacher.name_or_path)).hidden_size
+
+
+def load_teacher(cfg: Config, vocab_size: int, device_type: str):
+    """Frozen, eval mode, no grads."""
     teacher = load_model(cfg.teacher.name_or_path, resolve_dtype(cfg.teacher.dtype, device_type),
                          cfg.teacher.attn_implementation, "teacher")
-    check_vocab(teacher, vocab, "teacher")
-    teacher.eval().requires_grad_(False)
+    check_vocab(teacher, vocab_size, "teacher")
+    return teacher.eval().requires_grad_(False)
+
+
+def load_student(cfg: Config, vocab_size: int, device_type: str):
     student = load_model(cfg.student.name_or_path, resolve_dtype(cfg.student.dtype, device_type),
                          cfg.student.attn_implementation, "student")
-    check_vocab(student, vocab, "student")
+    check_vocab(student, vocab_size, "student")
     if cfg.student.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
-    student.train()
-    return tok, teacher, student
+    return student.train()
+
+
+def load_all(cfg: Config, device_type: str):
+    """-> (tokenizer, teacher, student), without any sharding (tests, tools)."""
+    tok = load_tokenizers(cfg)
+    return tok, load_teacher(cfg, len(tok), device_type), load_student(cfg, len(tok), device_type)

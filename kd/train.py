@@ -13,21 +13,23 @@ if __name__ == "__main__" and not __package__:  # run as a file: make `kd` impor
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
-import contextlib
 import math
 import os
 import time
+import warnings
 
 import torch
 from accelerate.utils import set_seed
 
 from kd import checkpoint
+from kd.cache import CachedDistiller, TeacherCache, cached_eval_sums
 from kd.config import Config, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
-from kd.distributed import global_sum, make_accelerator
+from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, make_accelerator, shard_teacher,
+                            teacher_zero3_config, zero3_loading)
 from kd.errors import KDError
 from kd.forward import Distiller, eval_sums, head, teacher_forward
-from kd.models import load_all
+from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
 from kd.tracking import Tracker
 
 
@@ -35,10 +37,12 @@ def make_optimizer(model: torch.nn.Module, cfg: Config):
     """AdamW without decay on biases and norm weights; linear warmup then cosine to min_lr_ratio."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
+    matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2  # noqa: E731 (ZeRO-3 params are flat)
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if matrix(p)], "weight_decay": o.weight_decay},
+        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0},
     ]
+    groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must not see them
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     total = cfg.train.max_steps
 
@@ -61,7 +65,8 @@ def evaluate(accelerator, student, teacher, dataset, cfg: Config, pad_id: int, v
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            sums = eval_sums(student, teacher, batch, cfg.loss, vocab)
+            sums = (cached_eval_sums if isinstance(teacher, TeacherCache) else eval_sums)(student, teacher, batch,
+                                                                                          cfg.loss, vocab)
         totals += torch.stack([sums[k].double() for k in keys])
     student.train()
     totals = global_sum(accelerator, totals)
@@ -77,6 +82,7 @@ def quiet_libraries() -> None:
     import datasets
     import transformers
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DeepSpeed's deprecated collectives
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
@@ -93,19 +99,35 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     tracker = Tracker(accelerator, cfg)
 
-    tokenizer, teacher, student = load_all(cfg, accelerator.device.type)
+    device_type = accelerator.device.type
+    tokenizer = load_tokenizers(cfg, check_teacher=not cfg.teacher.cache)
     vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
+    # Under DeepSpeed the teacher is partitioned while it loads (ZeRO-3 inference), never replicated.
+    teacher_ds = teacher_zero3_config(accelerator, cfg, teacher_hidden_size(cfg)) \
+        if is_deepspeed(accelerator) and cfg.teacher.zero3 and not cfg.teacher.cache else None
+    with zero3_loading(accelerator, teacher_ds):
+        teacher = None if cfg.teacher.cache else load_teacher(cfg, vocab, device_type)  # a cache replaces it
+    student = load_student(cfg, vocab, device_type)
     train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tokenizer, cfg.train.seed)
     tracker.print(train_stats.summary("train data"))
     if eval_stats is not None:
         tracker.print(eval_stats.summary("eval data"))
 
-    distiller = Distiller(student, cfg.loss, vocab)
+    cache = TeacherCache.open(cfg, tokenizer, train_set, eval_set) if cfg.teacher.cache else None
+    distiller = CachedDistiller(student, cfg.loss, vocab) if cache else Distiller(student, cfg.loss, vocab)
     optimizer, scheduler = make_optimizer(distiller, cfg)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
+    accelerator.unwrap_model(distiller).register_zero3_head()
     accelerator.register_for_checkpointing(scheduler)
-    teacher.to(accelerator.device)
-    teacher_head = head(teacher)
+    if cache is not None:
+        tracker.print(cache.describe())
+    else:
+        teacher, teacher_engine = shard_teacher(teacher, teacher_ds, accelerator.device)  # keep the engine alive
+        held, full = local_numel(teacher)
+        tracker.print(f"teacher: {'ZeRO-3 partitioned' if teacher_ds else 'replicated'}, rank 0 holds "
+                      f"{held:,} of {full:,} parameters ({held / full:.1%})")
+    teacher_head = head(teacher) if teacher is not None else None
+    student = accelerator.unwrap_model(distiller).student
     use_teacher = cfg.loss.alpha < 1.0  # CE-only training never runs the teacher forward
 
     world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
@@ -129,18 +151,19 @@ def train(cfg: Config) -> dict:
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         n_global = max(counts[0].item(), 1.0)
         sums = torch.zeros(3, device=accelerator.device)
-        for i, batch in enumerate(micro):
-            # gradients are all-reduced only once, on the last micro-batch
-            sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(distiller)
-            with sync:
+        for batch in micro:
+            # accumulate(): gradients are all-reduced (DDP) or the engine steps (DeepSpeed) only on
+            # the last micro-batch; backward divides by accum and ranks average, hence the factor
+            with accelerator.accumulate(distiller):
                 with accelerator.autocast():
-                    t_hidden = teacher_forward(teacher, batch) if use_teacher else None
-                parts = distiller(batch, t_hidden, teacher_head)
-                # DDP averages gradients over ranks, hence * world: the result is sum / n_global
-                accelerator.backward(parts["weighted_sum"] * (world / n_global))
+                    t_hidden = (cache.lookup(batch, "train") if cache else teacher_forward(teacher, batch)) \
+                        if use_teacher else None
+                with gathered(getattr(teacher_head, "weight", None)):
+                    parts = distiller(batch, t_hidden, teacher_head)
+                accelerator.backward(parts["weighted_sum"] * (world * accum / n_global))
             sums += torch.stack([parts["weighted_sum"].detach(), parts["ce_sum"], parts["kd_sum"]]).float()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), max_norm)
+        grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), max_norm)  # DeepSpeed: its own norm
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -157,8 +180,7 @@ def train(cfg: Config) -> dict:
                    "train/grad_norm": float(grad_norm), "train/response_tokens": n_global,
                    "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum)}
         if eval_set is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-            row.update(evaluate(accelerator, accelerator.unwrap_model(distiller).student, teacher, eval_set,
-                                cfg, pad_id, vocab))
+            row.update(evaluate(accelerator, student, cache or teacher, eval_set, cfg, pad_id, vocab))
         if row:
             tracker.log(row, step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
