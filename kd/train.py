@@ -30,6 +30,7 @@ from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, mak
 from kd.errors import KDError
 from kd.forward import Distiller, eval_sums, head, teacher_forward
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
+from kd.preempt import StopRequest
 from kd.tracking import Tracker
 
 
@@ -139,6 +140,8 @@ def train(cfg: Config) -> dict:
         step = checkpoint.load(accelerator, resume_from)["step"]
         tracker.print(f"resumed from {resume_from} at step {step}")
     tracker.start(step, cfg.train.max_steps)
+    stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
     batches = iter(train_loader(train_set, sampler, pad_id, step * accum, cfg.train.max_steps * accum))
 
     while step < cfg.train.max_steps:
@@ -146,8 +149,16 @@ def train(cfg: Config) -> dict:
         micro = [next(batches) for _ in range(accum)]
         # Normalise by the response tokens of the whole optimizer step on all ranks, known before
         # any backward: (micro 8, accum 1) and (micro 2, accum 4) and 2 ranks give equal gradients.
+        # The stop flag rides on the same all-reduce, so all ranks agree on the step they stop at.
         counts = global_sum(accelerator, [sum(b["labels"].numel() for b in micro),
-                                          sum(int(b["student_attention_mask"].sum()) for b in micro)])
+                                          sum(int(b["student_attention_mask"].sum()) for b in micro),
+                                          float(stop.requested)])
+        if counts[2] > 0:
+            checkpoint.save(accelerator, cfg.train.output_dir, step, {"step": step}, cfg.train.keep_checkpoints)
+            tracker.print(f"stop requested ({stop.reason() or 'on another rank'}): checkpoint at "
+                          f"step {step} saved; rerun the same command to resume")
+            tracker.finish()
+            return {"step": step, "stopped": True}
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         n_global = max(counts[0].item(), 1.0)
         sums = torch.zeros(3, device=accelerator.device)

@@ -163,3 +163,25 @@ def test_wandb_offline_tracking(small_data, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert runs[0].name.endswith((out / "wandb_run_id").read_text())  # resumes continue the same run
+
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "STOP file"])
+def test_stop_request_checkpoints_and_exits_cleanly(how, small_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", DEMO, *tiny_overrides(small_data, out, **{"train.max_steps": 200, "train.save_every": 0})]
+    proc = subprocess.Popen([PY, "-m", "kd.train", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    jsonl = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (jsonl.exists() and jsonl.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    if how == "SIGUSR1":
+        proc.send_signal(signal.SIGUSR1)
+    else:
+        (out / "STOP").touch()
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stop requested" in stdout
+    step = int((out / "checkpoints" / "latest").read_text().split("_")[1])
+    assert 0 < step < 200 and not (out / "student").exists()
+    res = run_cli(args + ["train.max_steps=" + str(step + 2)])  # resumes, clears STOP, finishes
+    assert f"at step {step}" in res.stdout and (out / "student").exists() and not (out / "STOP").exists()
