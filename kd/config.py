@@ -74,6 +74,8 @@ class DataConfig:
     """Split of `dataset` used for training."""
     eval_split: Optional[str] = None
     """Split of `dataset` used for eval; None holds out `eval_fraction` of the training split."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Rename source columns to the schema's names, e.g. {system: system_prompt, prompt: question}."""
     eval_fraction: float = 0.05
     """Fraction of training records held out when no eval files/split are given (0 = no eval)."""
     max_length: int = 1024

@@ -71,7 +71,8 @@ def render_views(
         full = tokenizer.apply_chat_template(msgs + [answer], tokenize=False)
         if not full.startswith(prompt):
             raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
-        return prompt, full[len(prompt):]
+        # trailing whitespace after the end-of-turn marker (ChatML's newline) is never generated
+        return prompt, full[len(prompt):].rstrip()
 
     t_prompt, t_tail = render(teacher_msgs)
     s_prompt, s_tail = (t_prompt, t_tail) if student_msgs is teacher_msgs else render(student_msgs)
@@ -209,14 +210,22 @@ def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=No
     return kept, stats
 
 
+def _renamed(records, columns: dict[str, str]):
+    """Map source column names onto the schema's (`data.columns`: schema name -> source name)."""
+    missing = [src for src in columns.values() if src not in records.column_names]
+    if missing:
+        raise DataError(f"data.columns: no column {missing[0]!r} in the data (has {', '.join(records.column_names)})")
+    return records.rename_columns({src: dst for dst, src in columns.items() if src != dst})
+
+
 def build_datasets(cfg: DataConfig, tokenizer, seed: int):
     """-> (train, eval or None, train stats, eval stats or None)."""
-    train_recs = load_records(cfg.train_files, cfg.dataset, cfg.dataset_config, cfg.train_split)
+    train_recs = _renamed(load_records(cfg.train_files, cfg.dataset, cfg.dataset_config, cfg.train_split), cfg.columns)
     eval_recs = None
     if cfg.eval_files:
-        eval_recs = load_records(cfg.eval_files)
+        eval_recs = _renamed(load_records(cfg.eval_files), cfg.columns)
     elif cfg.dataset and cfg.eval_split and not cfg.train_files:
-        eval_recs = load_records(None, cfg.dataset, cfg.dataset_config, cfg.eval_split)
+        eval_recs = _renamed(load_records(None, cfg.dataset, cfg.dataset_config, cfg.eval_split), cfg.columns)
     elif cfg.eval_fraction > 0 and len(train_recs) > 1:
         split = train_recs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
         train_recs, eval_recs = split["train"], split["test"]

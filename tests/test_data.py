@@ -159,3 +159,13 @@ def test_eval_batches_give_every_rank_the_same_count(chatml_tok):
     per_rank = [list(eval_batches(ds, 2, 2, r, 0)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2
     assert sum(int(b["labels"].numel()) for bs in per_rank for b in bs) == 5  # no token counted twice
+
+
+def test_columns_are_renamed_onto_the_schema(tmp_path, chatml_tok):
+    rows = [{"system_prompt": REC["system"], "question": REC["prompt"], "response": REC["response"]}] * 2
+    cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0,
+                     columns={"system": "system_prompt", "prompt": "question"})
+    train, _, stats, _ = build_datasets(cfg, chatml_tok, seed=0)
+    assert stats.examples == 2 and train[0]["teacher_ids"][: train[0]["teacher_start"]] == _views(chatml_tok)[0]
+    with pytest.raises(DataError, match="data.columns: no column 'nope'"):
+        build_datasets(DataConfig(train_files=cfg.train_files, columns={"prompt": "nope"}), chatml_tok, seed=0)
