@@ -147,3 +147,14 @@ def global_sum(accelerator: Accelerator, values: list[float] | torch.Tensor) -> 
     """Sum across ranks in one collective (float64 so token counts stay exact)."""
     t = torch.as_tensor(values, dtype=torch.float64, device=accelerator.device)
     return accelerator.reduce(t, reduction="sum") if accelerator.num_processes > 1 else t
+
+
+def memory_gib() -> tuple[float, float]:
+    """(current, peak) memory of this process in GiB: the CUDA allocator on GPU, RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    with open("/proc/self/statm") as fh:
+        rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return rss / 2**30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -25,8 +25,8 @@ from kd import checkpoint
 from kd.cache import CachedDistiller, TeacherCache, cached_eval_sums
 from kd.config import Config, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
-from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, make_accelerator, shard_teacher,
-                            teacher_zero3_config, zero3_loading)
+from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, make_accelerator, memory_gib,
+                            shard_teacher, teacher_zero3_config, zero3_loading)
 from kd.errors import KDError
 from kd.forward import Distiller, eval_sums, head, teacher_forward
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
@@ -101,6 +101,7 @@ def train(cfg: Config) -> dict:
     tracker = Tracker(accelerator, cfg)
 
     device_type = accelerator.device.type
+    base_mem = memory_gib()[0]  # before any model: what kd.plan's estimate is compared with
     tokenizer = load_tokenizers(cfg, check_teacher=not cfg.teacher.cache)
     vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
     # Under DeepSpeed the teacher is partitioned while it loads (ZeRO-3 inference), never replicated.
@@ -189,7 +190,8 @@ def train(cfg: Config) -> dict:
             dt = time.perf_counter() - t0
             row = {"train/loss": loss, "train/ce": ce, "train/kd": kd, "train/lr": lr,
                    "train/grad_norm": float(grad_norm), "train/response_tokens": n_global,
-                   "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum)}
+                   "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum),
+                   "sys/peak_mem_gib": memory_gib()[1], "sys/base_mem_gib": base_mem}
         if eval_set is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
             row.update(evaluate(accelerator, student, cache or teacher, eval_set, cfg, pad_id, vocab))
         if row:
