@@ -205,6 +205,8 @@ class TrainConfig:
     """Write the final student with save_pretrained + tokenizer to <output_dir>/student/."""
 
     def __post_init__(self):
+        if str(self.mixed_precision).lower() in ("false", "off"):  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
         for k in ("max_steps", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, k) < 1:
