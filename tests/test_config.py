@@ -80,3 +80,9 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     dumped = tmp_path / "dump.yaml"
     dumped.write_text(to_yaml(cfg))
     assert load_config(dumped) == cfg
+
+
+def test_readme_documents_every_key():
+    readme = (ROOT / "README.md").read_text()
+    missing = [k for k in all_keys() if f"`{k}`" not in readme]
+    assert not missing, f"README config table is missing {missing}: regenerate it with `python -m kd.config`"
