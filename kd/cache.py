@@ -16,11 +16,13 @@ Directory layout
     train-00000.safetensors     shard i holds examples [i*S, (i+1)*S) of the tokenised split
     eval-00000.safetensors
 
-Per response token a shard stores the teacher's (T = 1, fp32, vocabulary cut to the tokenizer's)
+Per response token a shard stores the teacher's (fp32, vocabulary cut to the tokenizer's)
     ids       [k]  top-k token ids, sorted by logit (int16 when V <= 32768, else int32)
-    logits    [k]  their raw logits, fp32
-    tail_lse  []   log sum_{j not in top-k} exp(z_j): the exact mass of the other V - k tokens
-plus per example `example_ids` and row `offsets`. Bytes per token: k * (2 or 4) + 4k + 4.
+    logits    [k]  their raw logits (T = 1)
+    tail_lse  [m]  log sum_{j not in top-k} exp(z_j / T) for each of the m `tail_temperatures`
+                   (--tail-temperatures, default 1,2,4,8): the exact mass of the other V - k
+                   tokens at those temperatures
+plus per example `example_ids` and row `offsets`. Bytes per token: k * (2 or 4) + 4k + 4m.
 Shards are written to a hidden temporary name and renamed into place (atomic), so a killed build
 never leaves a half-written shard under a name that is read.
 
@@ -33,20 +35,27 @@ entries at temperature T are z_i / T, re-normalised against
 
     log Z_T = logaddexp(logsumexp(z_topk / T), tail_T),   tail_T = log sum_tail exp(z_j / T).
 
-At T = 1, tail_T = tail_lse: exact. At T != 1 the tempered tail mass depends on the tail's shape,
-which is not stored; it is estimated as if the V - k tail logits were equal with the known total:
+tail_T is stored for the tail temperatures, so at those T the teacher's buckets are exact. The
+tempered tail mass depends on the tail's shape, which is not stored, so another T is estimated:
+between two stored temperatures by the chord of tail_T in 1/T (log-sum-exp is convex in 1/T, so
+the chord is an upper bound, and tight when the stored temperatures are close); outside them by
+taking the tail at the nearest stored temperature T0 as flat over its V - k tokens:
 
-    tail_T ~= tail_lse / T + (1 - 1/T) * log(V - k)
+    tail_T ~= (T0/T) * tail_T0 + (1 - T0/T) * log(V - k)
 
-Exact at T = 1 and for a flat tail. For T > 1 it is an upper bound (power-mean inequality); the
-matching lower bound puts all tail mass at the k-th logit, tail_lse - (1 - 1/T) * z_k. So for
-T > 1 a peaked tail (real LMs) gets too much tempered mass, and the top-k teacher probabilities
-are scaled down by the same factor. Separately, the divergence is taken between the bucketed
-distributions: for KL, KL(p || q) = KL_buckets + p_tail * KL(p(.|tail) || q(.|tail)), and the
-second term (the teacher's shape inside its tail) is unknown and dropped, so the cached loss is
-at most the live one (data-processing inequality; the same holds for every divergence here) and
-the student's within-tail shape gets no gradient, only its total tail mass. With k = V there is
-no tail and the loss equals the live one. Measured errors: benchmarks/README.md.
+(exact for a flat tail; for T > T0 an upper bound by the power-mean inequality). With only T0 = 1
+stored this flat estimate is poor for peaked, LLM-like tails (measured in benchmarks/README.md),
+which is why several temperatures are stored: they cost 4 bytes per token each.
+
+Separately, the divergence is taken between the bucketed distributions. For KL,
+KL(p || q) = KL_buckets + p_tail * KL(p(.|tail) || q(.|tail)); the second term (the teacher's
+shape inside its tail) is unknown and dropped, so at a stored temperature the cached divergence is
+at most the live one (data-processing inequality, which holds for every divergence here), and the
+student's within-tail shape gets no gradient, only its total tail mass. With k = V there is no
+tail and the loss equals the live one. The dropped term is the main error at T > 1: tempering
+moves a large share of an LLM-like teacher's mass into the tail (e.g. ~45% beyond the top 64 at
+T = 2 in the synthetic benchmark), so choose k with the temperatures to be swept in mind.
+Measured errors, bytes and speed: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -65,13 +74,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kd.distributed import gathered
 from kd.errors import KDError
 from kd.forward import Distiller, fp32_logits, head, response_hidden, teacher_forward
 from kd.losses import LossParts, divergence_from_logprobs, mix
 
 FORMAT, VERSION = "kd-teacher-cache", 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "eval")
 # rows of teacher logits materialised at once while building (bounds the [rows, V] fp32 buffer)
 _BUILD_ROWS = 2048
 
@@ -85,29 +94,46 @@ class CachedTopK(NamedTuple):
 
     ids: torch.Tensor  # [N, k] long, sorted by teacher logit, descending
     logits: torch.Tensor  # [N, k] fp32 teacher logits at T = 1
-    tail_lse: torch.Tensor  # [N] fp32 log-sum-exp of the other V - k teacher logits (-inf if k = V)
+    tail_lse: torch.Tensor  # [N, m] fp32 log sum exp(z / T) of the other V - k logits (-inf if k = V)
+    tail_temperatures: torch.Tensor  # [m] the T of each tail_lse column (1 first)
 
 
 # --------------------------------------------------------------------------- loss math
 
 
-def teacher_topk(logits: torch.Tensor, k: int, vocab_size: int) -> CachedTopK:
+def teacher_topk(logits: torch.Tensor, k: int, vocab_size: int, tail_temperatures=(1.0,)) -> CachedTopK:
     """What the cache stores for full teacher logits [N, Vt] (Vt >= vocab_size), fp32."""
     z = logits[..., :vocab_size].float()
     top = z.topk(k, dim=-1, sorted=True)
+    temps = torch.tensor([float(t) for t in tail_temperatures])
     if k < vocab_size:
-        tail = z.scatter(-1, top.indices, float("-inf")).logsumexp(-1)
+        rest = z.scatter(-1, top.indices, float("-inf"))
+        tail = torch.stack([(rest / t).logsumexp(-1) for t in temps.tolist()], -1)
     else:
-        tail = z.new_full(z.shape[:-1], float("-inf"))
-    return CachedTopK(top.indices, top.values, tail)
+        tail = z.new_full((*z.shape[:-1], len(temps)), float("-inf"))
+    return CachedTopK(top.indices, top.values, tail, temps.to(z.device))
 
 
-def tempered_tail_lse(tail_lse: torch.Tensor, n_tail: int, temperature: float) -> torch.Tensor:
-    """Estimate of log sum_tail exp(z_j / T) from log sum_tail exp(z_j) (the module doc's formula:
-    the tail taken as flat; exact at T = 1)."""
-    if temperature == 1.0:
-        return tail_lse
-    return tail_lse / temperature + (1.0 - 1.0 / temperature) * math.log(n_tail)
+def tempered_tail_lse(tail_lse: torch.Tensor, tail_temperatures, n_tail: int, temperature: float) -> torch.Tensor:
+    """log sum_tail exp(z_j / T) [N] from its stored values [N, m] (or [N] at T = 1) at
+    `tail_temperatures`: exact at a stored T, else the module doc's chord or flat-tail estimate."""
+    if torch.is_tensor(tail_temperatures):
+        tail_temperatures = tail_temperatures.tolist()
+    temps = [float(t) for t in tail_temperatures]
+    lse = (tail_lse if tail_lse.dim() == 2 else tail_lse.unsqueeze(-1)).float()
+    if temperature in temps:
+        return lse[:, temps.index(temperature)]
+    lse = lse.clamp_min(-1e30)  # a fully masked tail (-inf) must not give inf - inf below
+    betas, b = [1.0 / t for t in temps], 1.0 / temperature
+    lo = [i for i, x in enumerate(betas) if x < b]
+    hi = [i for i, x in enumerate(betas) if x > b]
+    if lo and hi:
+        i, j = max(lo, key=betas.__getitem__), min(hi, key=betas.__getitem__)
+        w = (b - betas[i]) / (betas[j] - betas[i])
+        return lse[:, i] + w * (lse[:, j] - lse[:, i])
+    i = min(range(len(betas)), key=lambda n: abs(betas[n] - b))
+    r = b / betas[i]
+    return r * lse[:, i] + (1.0 - r) * math.log(n_tail)
 
 
 def bucket_logprobs(
@@ -118,6 +144,7 @@ def bucket_logprobs(
     *,
     vocab_size: int,
     temperature: float,
+    tail_temperatures=(1.0,),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (teacher, student) tempered log-probabilities over k + 1 buckets [N, k+1] (just [N, k]
     when k = vocab_size): the teacher's top-k tokens, then the tail bucket."""
@@ -131,7 +158,7 @@ def bucket_logprobs(
         return t_top - t_top.logsumexp(-1, keepdim=True), s_top
     # the student's tail from its own logits (exact, no 1 - sum cancellation)
     s_tail = s.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True) - s_lse
-    t_tail = tempered_tail_lse(teacher_tail_lse.float(), n_tail, temperature).unsqueeze(-1)
+    t_tail = tempered_tail_lse(teacher_tail_lse, tail_temperatures, n_tail, temperature).unsqueeze(-1)
     t_all = torch.cat([t_top, t_tail], -1)
     return t_all - t_all.logsumexp(-1, keepdim=True), torch.cat([s_top, s_tail], -1)
 
@@ -149,16 +176,18 @@ def topk_kd_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    tail_temperatures=(1.0,),
 ) -> LossParts:
     """`kd.losses.kd_loss` with the teacher given by its cached top-k (module doc): token sums,
-    fp32. student_logits [N, Vs >= vocab_size], topk_ids/topk_logits [N, k], teacher_tail_lse [N]
-    (log-sum-exp of the other V - k teacher logits at T = 1), labels [N]. Every divergence of
-    kd.losses is supported, on the k + 1 buckets; with k = vocab_size it equals kd_loss."""
+    fp32. student_logits [N, Vs >= vocab_size], topk_ids/topk_logits [N, k], teacher_tail_lse
+    [N, m] (log sum exp(z / T) of the other V - k teacher logits at each of the m
+    `tail_temperatures`; or [N] at T = 1), labels [N]. Every divergence of kd.losses is
+    supported, on the k + 1 buckets; with k = vocab_size it equals kd_loss."""
     s = student_logits[..., :vocab_size].float()
     ce = F.cross_entropy(s, labels, reduction="none").sum()
     if alpha < 1.0:
         t_logp, s_logp = bucket_logprobs(s, topk_ids, topk_logits, teacher_tail_lse, vocab_size=vocab_size,
-                                         temperature=temperature)
+                                         temperature=temperature, tail_temperatures=tail_temperatures)
         kd = divergence_from_logprobs(t_logp, s_logp, divergence, beta=beta, skew=skew).sum()
     else:
         kd = ce.new_zeros(())
@@ -181,7 +210,9 @@ class CachedDistiller(Distiller):
         labels = batch["labels"]
         if cached is None:  # CE only (alpha = 1): empty teacher rows keep one code path
             n = labels.shape[0]
-            cached = CachedTopK(labels.new_zeros(n, 0), h.new_zeros(n, 0), h.new_zeros(n))
+            cached = CachedTopK(labels.new_zeros(n, 0), h.new_zeros(n, 0), h.new_zeros(n, 1), h.new_ones(1))
+        kw["tail_temperatures"] = cached.tail_temperatures.tolist()
+        rows = (h, cached.ids, cached.logits, cached.tail_lse, labels)
 
         def sums(h_c, ids_c, logits_c, tail_c, labels_c):
             p = topk_kd_loss(fp32_logits(h_c, s_head), ids_c, logits_c, tail_c, labels_c, **kw)
@@ -190,11 +221,11 @@ class CachedDistiller(Distiller):
         if c.implementation == "chunked" and h.shape[0] > c.chunk_size:
             from torch.utils.checkpoint import checkpoint
 
-            out = [checkpoint(sums, *(t[i:i + c.chunk_size] for t in (h, *cached, labels)), use_reentrant=False)
+            out = [checkpoint(sums, *(t[i:i + c.chunk_size] for t in rows), use_reentrant=False)
                    for i in range(0, h.shape[0], c.chunk_size)]
             weighted, ce, kd = (torch.stack(list(x)).sum() for x in zip(*out))
         else:
-            weighted, ce, kd = sums(h, *cached, labels)
+            weighted, ce, kd = sums(*rows)
         return dict(weighted_sum=weighted, ce_sum=ce, kd_sum=kd)
 
 
@@ -203,11 +234,12 @@ def cached_eval_sums(student, cache: "TeacherCache", batch: dict, loss, vocab_si
     """`kd.forward.eval_sums` against the cached eval split: CE (exact), the bucketed divergence,
     the configured total, and top-1 agreement (exact: the cached ids are sorted)."""
     hs = response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
-    s_logits = fp32_logits(hs, head(student))[:, :vocab_size]
+    with gathered(head(student).weight):  # ZeRO-3: the head is used outside its module's forward
+        s_logits = fp32_logits(hs, head(student))[:, :vocab_size]
     rows = cache.lookup(batch, "eval")
     ce = F.cross_entropy(s_logits, batch["labels"], reduction="none").sum()
     t_logp, s_logp = bucket_logprobs(s_logits, rows.ids, rows.logits, rows.tail_lse, vocab_size=vocab_size,
-                                     temperature=loss.temperature)
+                                     temperature=loss.temperature, tail_temperatures=rows.tail_temperatures)
     kd = divergence_from_logprobs(t_logp, s_logp, loss.divergence, beta=loss.beta, skew=loss.skew).sum()
     agree = (s_logits.argmax(-1) == rows.ids[:, 0]).sum().float() if rows.ids.shape[0] else ce.new_zeros(())
     tokens = torch.tensor(float(batch["labels"].numel()), device=hs.device)
@@ -259,7 +291,8 @@ def _teacher_files_sha256(path: str) -> str | None:
     return h.hexdigest()
 
 
-def _settings(cfg, tokenizer, splits: dict, k: int, shard_examples: int, teacher_sha: str | None) -> dict:
+def _settings(cfg, tokenizer, splits: dict, k: int, tail_temperatures: list[float], shard_examples: int,
+              teacher_sha: str | None) -> dict:
     d = cfg.data
     return {
         "format": FORMAT,
@@ -268,6 +301,7 @@ def _settings(cfg, tokenizer, splits: dict, k: int, shard_examples: int, teacher
         "tokenizer": {"name_or_path": cfg.student.name_or_path, "sha256": tokenizer_sha256(tokenizer),
                       "vocab_size": len(tokenizer)},
         "k": k,
+        "tail_temperatures": tail_temperatures,
         "ids_dtype": "int16" if len(tokenizer) <= 2**15 else "int32",
         "shard_examples": shard_examples,
         "data": {"train_files": list(d.train_files), "eval_files": list(d.eval_files), "dataset": d.dataset,
@@ -341,8 +375,8 @@ def read_manifest(path: str | Path) -> dict | None:
 
 
 @torch.no_grad()
-def _shard_tensors(teacher, examples: list[dict], pad_id: int, k: int, vocab: int, batch_size: int,
-                   ids_dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+def _shard_tensors(teacher, examples: list[dict], pad_id: int, k: int, temps: list[float], vocab: int,
+                   batch_size: int, ids_dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     from kd.data import collate
 
     t_head = head(teacher)
@@ -352,7 +386,7 @@ def _shard_tensors(teacher, examples: list[dict], pad_id: int, k: int, vocab: in
         batch = {key: v.to(device) for key, v in batch.items()}
         hidden = teacher_forward(teacher, batch)
         for r in range(0, hidden.shape[0], _BUILD_ROWS):
-            top = teacher_topk(fp32_logits(hidden[r:r + _BUILD_ROWS], t_head), k, vocab)
+            top = teacher_topk(fp32_logits(hidden[r:r + _BUILD_ROWS], t_head), k, vocab, temps)
             ids.append(top.ids.to(ids_dtype).cpu())
             logits.append(top.logits.cpu())
             tails.append(top.tail_lse.cpu())
@@ -362,8 +396,8 @@ def _shard_tensors(teacher, examples: list[dict], pad_id: int, k: int, vocab: in
             "offsets": torch.cat([n.new_zeros(1), n.cumsum(0)])}
 
 
-def build_cache(cfg, *, k: int, shard_examples: int = 256, batch_size: int | None = None,
-                device_map: str | None = None, log=print) -> dict:
+def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_examples: int = 256,
+                batch_size: int | None = None, device_map: str | None = None, log=print) -> dict:
     """Run the teacher over the teacher views of the train (and eval) split and write the cache
     to cfg.teacher.cache. Collective under `accelerate launch`: shard i goes to rank i % world.
     Finished shards are skipped (the teacher is not even loaded if none is left). -> manifest."""
@@ -377,7 +411,8 @@ def build_cache(cfg, *, k: int, shard_examples: int = 256, batch_size: int | Non
         raise CacheError("set teacher.cache=<directory> (or --out) to say where the cache goes")
     out = Path(cfg.teacher.cache)
     multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = PartialState(cpu=not torch.cuda.is_available(), **({"backend": "gloo"} if multi and not torch.cuda.is_available() else {}))
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, **({"backend": "gloo"} if multi and cpu else {}))  # gloo: CPU ranks form one group
     rank, world = state.process_index, state.num_processes
     say = log if state.is_main_process else (lambda *a: None)
 
@@ -389,6 +424,9 @@ def build_cache(cfg, *, k: int, shard_examples: int = 256, batch_size: int | Non
         raise CacheError(f"--k must be in [1, {vocab}] (the vocabulary size), got {k}")
     if shard_examples < 1:
         raise CacheError("--shard-examples must be >= 1")
+    temps = sorted({1.0, *(float(t) for t in tail_temperatures)})
+    if temps[0] <= 0:
+        raise CacheError(f"--tail-temperatures must be > 0, got {tail_temperatures}")
     train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tok, cfg.train.seed)
     say(train_stats.summary("train data"))
     splits = {"train": train_set}
@@ -396,7 +434,7 @@ def build_cache(cfg, *, k: int, shard_examples: int = 256, batch_size: int | Non
         say(eval_stats.summary("eval data"))
         splits["eval"] = eval_set
     teacher_path = demo.resolve(cfg.teacher.name_or_path)
-    settings = _settings(cfg, tok, splits, k, shard_examples, _teacher_files_sha256(teacher_path))
+    settings = _settings(cfg, tok, splits, k, temps, shard_examples, _teacher_files_sha256(teacher_path))
 
     old = read_manifest(out)
     if old is not None:
@@ -414,11 +452,11 @@ def build_cache(cfg, *, k: int, shard_examples: int = 256, batch_size: int | Non
             tmp.unlink(missing_ok=True)
     state.wait_for_everyone()
 
-    todo = [(name, i) for name in splits for i in range(settings["splits"][name]["shards"])
-            if i % world == rank and not (out / shard_name(name, i)).exists()]
-    total = sum(s["shards"] for s in settings["splits"].values())
-    done_before = sum(1 for name in splits for i in range(settings["splits"][name]["shards"])
-                      if (out / shard_name(name, i)).exists())
+    shards = [(name, i) for name in splits for i in range(settings["splits"][name]["shards"])]
+    todo = [(name, i) for j, (name, i) in enumerate(shards)
+            if j % world == rank and not (out / shard_name(name, i)).exists()]
+    total = len(shards)
+    done_before = sum(1 for name, i in shards if (out / shard_name(name, i)).exists())
     say(f"cache {out}: {total} shards, {done_before} already written, k={k}")
     if todo:
         dtype = resolve_dtype(cfg.teacher.dtype, state.device.type)
@@ -438,7 +476,7 @@ def build_cache(cfg, *, k: int, shard_examples: int = 256, batch_size: int | Non
             t0 = time.perf_counter()
             ds = splits[name]
             rows = ds.select(range(i * shard_examples, min(len(ds), (i + 1) * shard_examples)))
-            tensors = _shard_tensors(teacher, list(rows), tok.pad_token_id, k, vocab, bs, ids_dtype, device)
+            tensors = _shard_tensors(teacher, list(rows), tok.pad_token_id, k, temps, vocab, bs, ids_dtype, device)
             _write_shard(out / shard_name(name, i), tensors, {"split": name, "shard": str(i), "k": str(k)})
             dt = time.perf_counter() - t0
             log(f"[rank {rank}] {shard_name(name, i)}: {len(rows)} examples, {tensors['ids'].shape[0]} tokens "
@@ -475,6 +513,7 @@ class TeacherCache:
         self.path = Path(path)
         self.manifest = manifest
         self.k = manifest["k"]
+        self.tail_temperatures = torch.tensor(manifest["tail_temperatures"], dtype=torch.float32)
         self._files: dict[tuple[str, int], object] = {}
         self._index: dict[str, dict[int, tuple[int, int, int]]] = {}
         from safetensors import safe_open
@@ -562,10 +601,11 @@ class TeacherCache:
             ids.append(s_ids[start:start + n])
             logits.append(s_logits[start:start + n])
             tails.append(s_tail[start:start + n])
+        temps = self.tail_temperatures.to(dev)
         if not ids:
-            return CachedTopK(torch.zeros(0, self.k, dtype=torch.long, device=dev),
-                              torch.zeros(0, self.k, device=dev), torch.zeros(0, device=dev))
-        return CachedTopK(torch.cat(ids).to(dev).long(), torch.cat(logits).to(dev), torch.cat(tails).to(dev))
+            return CachedTopK(torch.zeros(0, self.k, dtype=torch.long, device=dev), torch.zeros(0, self.k, device=dev),
+                              torch.zeros(0, len(temps), device=dev), temps)
+        return CachedTopK(torch.cat(ids).to(dev).long(), torch.cat(logits).to(dev), torch.cat(tails).to(dev), temps)
 
     def describe(self) -> str:
         m = self.manifest
@@ -583,6 +623,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="kd.cache", allow_abbrev=False,
                                  description="Run the teacher once and store its top-k logits (see kd/cache.py).")
     ap.add_argument("--k", type=int, default=64, help="top-k logits kept per response token (default 64)")
+    ap.add_argument("--tail-temperatures", default="1,2,4,8",
+                    help="temperatures whose exact tail mass is stored (1 is always included; default 1,2,4,8)")
     ap.add_argument("--shard-examples", type=int, default=256, help="examples per shard file (default 256)")
     ap.add_argument("--batch-size", type=int, default=None, help="teacher micro-batch (default train.micro_batch_size)")
     ap.add_argument("--device-map", default=None,
@@ -597,7 +639,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.out:
             overrides = [*overrides, f"teacher.cache={args.out}"]
         quiet_libraries()
-        build_cache(load_config(path, overrides), k=args.k, shard_examples=args.shard_examples,
+        try:
+            temps = [float(t) for t in args.tail_temperatures.split(",") if t.strip()]
+        except ValueError:
+            raise CacheError(f"--tail-temperatures takes numbers, not {args.tail_temperatures!r}") from None
+        build_cache(load_config(path, overrides), k=args.k, tail_temperatures=temps, shard_examples=args.shard_examples,
                     batch_size=args.batch_size, device_map=args.device_map)
     except KDError as e:
         if int(os.environ.get("RANK", "0")) == 0:

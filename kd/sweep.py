@@ -11,6 +11,8 @@ RandomSampler, `bayes` -> TPESampler (W&B's bayes is a Gaussian process: same sp
 another algorithm). Studies live in <out>/optuna.journal: a rerun adds trials to the same study,
 and several drivers may share one --out (Optuna's journal file is lock-protected), e.g. one per
 Slurm array element. <out>/sweep.json holds every trial's parameters and score (kd.report reads it).
+Trials get WANDB_MODE=offline unless it is set (no server to reach); pass `log.tracker=none` to
+skip W&B entirely. Run it from the repository root, as an agent would be.
 
 Supported parameter specs (W&B syntax): `value`, `values`, `min`/`max` (int_uniform when both are
 ints, else uniform), and `distribution` in uniform, int_uniform, q_uniform, log_uniform_values,

@@ -31,7 +31,10 @@ class Tracker:
             accelerator.init_trackers(cfg.log.project, config=flat_dict(cfg), init_kwargs={"wandb": init})
 
     def _run_id(self) -> str:
-        """One W&B run per output_dir, so a resumed run continues the same charts."""
+        """One W&B run per output_dir, so a resumed run continues the same charts; under a sweep
+        agent, the run the sweep controller assigned."""
+        if os.environ.get("WANDB_RUN_ID"):
+            return os.environ["WANDB_RUN_ID"]
         path = self.out / "wandb_run_id"
         if path.exists():
             return path.read_text().strip()

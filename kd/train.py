@@ -13,6 +13,7 @@ if __name__ == "__main__" and not __package__:  # run as a file: make `kd` impor
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import functools
 import math
 import os
 import time
@@ -56,8 +57,9 @@ def make_optimizer(model: torch.nn.Module, cfg: Config):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
-def evaluate(accelerator, student, teacher, dataset, cfg: Config, pad_id: int, vocab: int) -> dict[str, float]:
-    """Held-out student CE, divergence to the teacher and top-1 agreement, per response token."""
+def evaluate(accelerator, student, teacher_sums, dataset, cfg: Config, pad_id: int) -> dict[str, float]:
+    """Held-out student CE, divergence to the teacher and top-1 agreement, per response token.
+    `teacher_sums(student, batch)` is eval_sums with the live teacher, or the cached variant."""
     keys = ("ce", "kd", "loss", "top1_agreement", "tokens")
     totals = torch.zeros(len(keys), dtype=torch.float64, device=accelerator.device)
     student.eval()
@@ -66,8 +68,7 @@ def evaluate(accelerator, student, teacher, dataset, cfg: Config, pad_id: int, v
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            sums = (cached_eval_sums if isinstance(teacher, TeacherCache) else eval_sums)(student, teacher, batch,
-                                                                                          cfg.loss, vocab)
+            sums = teacher_sums(student=student, batch=batch)
         totals += torch.stack([sums[k].double() for k in keys])
     student.train()
     totals = global_sum(accelerator, totals)
@@ -121,14 +122,20 @@ def train(cfg: Config) -> dict:
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     accelerator.unwrap_model(distiller).register_zero3_head()
     accelerator.register_for_checkpointing(scheduler)
+    # The teacher's side of the loss comes from the live (sharded) teacher or from the cache.
     if cache is not None:
         tracker.print(cache.describe())
+        teacher_head = None
+        teacher_outputs = functools.partial(cache.lookup, split="train")
+        teacher_sums = functools.partial(cached_eval_sums, cache=cache, loss=cfg.loss, vocab_size=vocab)
     else:
         teacher, teacher_engine = shard_teacher(teacher, teacher_ds, accelerator.device)  # keep the engine alive
         held, full = local_numel(teacher)
         tracker.print(f"teacher: {'ZeRO-3 partitioned' if teacher_ds else 'replicated'}, rank 0 holds "
                       f"{held:,} of {full:,} parameters ({held / full:.1%})")
-    teacher_head = head(teacher) if teacher is not None else None
+        teacher_head = head(teacher)
+        teacher_outputs = functools.partial(teacher_forward, teacher)
+        teacher_sums = functools.partial(eval_sums, teacher=teacher, loss=cfg.loss, vocab_size=vocab)
     student = accelerator.unwrap_model(distiller).student
     use_teacher = cfg.loss.alpha < 1.0  # CE-only training never runs the teacher forward
 
@@ -168,10 +175,9 @@ def train(cfg: Config) -> dict:
             # the last micro-batch; backward divides by accum and ranks average, hence the factor
             with accelerator.accumulate(distiller):
                 with accelerator.autocast():
-                    t_hidden = (cache.lookup(batch, "train") if cache else teacher_forward(teacher, batch)) \
-                        if use_teacher else None
+                    t_out = teacher_outputs(batch) if use_teacher else None
                 with gathered(getattr(teacher_head, "weight", None)):
-                    parts = distiller(batch, t_hidden, teacher_head)
+                    parts = distiller(batch, t_out, teacher_head)
                 accelerator.backward(parts["weighted_sum"] * (world * accum / n_global))
             sums += torch.stack([parts["weighted_sum"].detach(), parts["ce_sum"], parts["kd_sum"]]).float()
         max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
@@ -193,7 +199,7 @@ def train(cfg: Config) -> dict:
                    "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum),
                    "sys/peak_mem_gib": memory_gib()[1], "sys/base_mem_gib": base_mem}
         if eval_set is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-            row.update(evaluate(accelerator, student, cache or teacher, eval_set, cfg, pad_id, vocab))
+            row.update(evaluate(accelerator, student, teacher_sums, eval_set, cfg, pad_id))
         if row:
             tracker.log(row, step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
