@@ -74,8 +74,8 @@ def test_missing_required_key(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
-    if "sweeps" in path.parts:
-        pytest.skip("sweep definitions are W&B files, tested with the sweep tooling")
+    if "sweeps" in path.parts or "experiment" in path.parts:
+        pytest.skip("sweep and experiment definitions have their own schemas and tests")
     cfg = load_config(path)
     dumped = tmp_path / "dump.yaml"
     dumped.write_text(to_yaml(cfg))
