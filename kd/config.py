@@ -139,8 +139,9 @@ class LossConfig:
     """JSD interpolation: 0 = forward KL, 1 = reverse KL."""
     skew: float = 0.1
     """Skew KL mixing weight lambda (0 = plain KL)."""
-    implementation: str = "dense"
-    """dense: full logits at response positions; chunked: lm_head + loss chunk by chunk."""
+    implementation: str = "chunked"
+    """chunked: lm_head projection + loss chunk by chunk, never a full [tokens, vocab] tensor (the
+    default); dense: fp32 logits for all response positions at once (the reference)."""
     chunk_size: int = 1024
     """Rows per chunk for the chunked implementation."""
 

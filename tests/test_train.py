@@ -185,3 +185,19 @@ def test_stop_request_checkpoints_and_exits_cleanly(how, small_data, tmp_path):
     assert 0 < step < 200 and not (out / "student").exists()
     res = run_cli(args + ["train.max_steps=" + str(step + 2)])  # resumes, clears STOP, finishes
     assert f"at step {step}" in res.stdout and (out / "student").exists() and not (out / "STOP").exists()
+
+
+def test_chunked_and_dense_training_agree(small_data, tmp_path):
+    """The trainer's default (chunked lm_head + loss) follows the dense reference step for step."""
+    runs = {}
+    for impl in ("dense", "chunked"):
+        out = tmp_path / impl
+        run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
+            "loss.implementation": impl, "loss.chunk_size": 37, "loss.divergence": "jsd", "train.eval_every": 3})])
+        runs[impl] = (metrics(out), weights(out))
+    (rd, wd), (rc, wc) = runs["dense"], runs["chunked"]
+    for a, b in zip(rd, rc, strict=True):
+        for key in ("train/loss", "train/ce", "train/kd", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+    for k in wd:
+        torch.testing.assert_close(wc[k], wd[k], rtol=1e-4, atol=1e-5, msg=k)
