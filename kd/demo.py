@@ -3,11 +3,14 @@
 `resolve("builtin:<name>")` returns a local directory that `from_pretrained` can load; any other
 string is returned unchanged (a hub id or a local path). Names:
 
-  builtin:tokenizer     the shipped project tokenizer (kd/assets/tokenizer), not copied.
-  builtin:tiny-teacher  LlamaForCausalLM, hidden 128, 4 layers, untied, vocab padded to x64.
-  builtin:tiny-student  LlamaForCausalLM, hidden 64, 2 layers, tied, vocab = len(tokenizer).
+  builtin:tokenizer          the shipped project tokenizer (kd/assets/tokenizer), not copied.
+  builtin:tiny-teacher       the shipped *trained* demo teacher (kd/assets/teacher, not copied),
+                             made by scripts/train_teacher.py from tiny-teacher-init; if that
+                             directory has no weights, the random init is built instead.
+  builtin:tiny-teacher-init  LlamaForCausalLM, hidden 128, 4 layers, untied, vocab padded to x64.
+  builtin:tiny-student       LlamaForCausalLM, hidden 64, 2 layers, tied, vocab = len(tokenizer).
 
-Models are random-initialised from a fixed seed and built once into
+Random-init models come from a fixed seed and are built once into
 $KD_HOME/builtin/<name> (KD_HOME defaults to ~/.cache/kd), with the tokenizer files beside them.
 The teacher/student vocabulary padding mismatch is deliberate: it exercises the logit slicing
 that real pairs (e.g. 32001 vs 32000 rows) need.
@@ -23,12 +26,13 @@ from pathlib import Path
 
 SCHEME = "builtin:"
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
 _MARKER = "kd_builtin.json"
 # Bump when the build recipe changes so stale caches are rebuilt.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2  # 2: tiny-teacher is the shipped trained model; its init is tiny-teacher-init
 
-_MODELS = {
-    "tiny-teacher": dict(
+_INIT = {
+    "tiny-teacher-init": dict(
         hidden_size=128,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -37,6 +41,11 @@ _MODELS = {
         vocab_multiple=64,
         seed=1001,
     ),
+}
+_MODELS = {
+    **_INIT,
+    # Fallback when kd/assets/teacher is absent: the untrained init under the teacher's name.
+    "tiny-teacher": _INIT["tiny-teacher-init"],
     "tiny-student": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -54,6 +63,11 @@ def builtin_names() -> tuple[str, ...]:
     return tuple(SCHEME + n for n in ("tokenizer", *_MODELS))
 
 
+def shipped_teacher() -> Path | None:
+    """kd/assets/teacher when it holds trained weights, else None."""
+    return TEACHER_DIR if (TEACHER_DIR / "model.safetensors").is_file() else None
+
+
 def kd_home() -> Path:
     """Cache root: $KD_HOME, else ~/.cache/kd."""
     return Path(os.environ.get("KD_HOME") or Path.home() / ".cache" / "kd").expanduser()
@@ -66,6 +80,8 @@ def resolve(name_or_path: str) -> str:
     name = name_or_path[len(SCHEME) :]
     if name == "tokenizer":
         return str(TOKENIZER_DIR)
+    if name == "tiny-teacher" and shipped_teacher() is not None:
+        return str(TEACHER_DIR)
     if name not in _MODELS:
         raise ValueError(f"unknown builtin {name_or_path!r}; valid: {', '.join(builtin_names())}")
     return str(_ensure_built(name))

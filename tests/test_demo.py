@@ -17,7 +17,7 @@ def built(tmp_path_factory):
     home = tmp_path_factory.mktemp("kd_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KD_HOME", str(home))
-        yield home, {n: Path(demo.resolve(f"builtin:{n}")) for n in ("tiny-teacher", "tiny-student")}
+        yield home, {n: Path(demo.resolve(f"builtin:{n}")) for n in ("tiny-teacher-init", "tiny-student")}
 
 
 @pytest.fixture
@@ -56,14 +56,14 @@ def test_models_build_into_kd_home(built):
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
         assert (d / "tokenizer.json").read_bytes() == (demo.TOKENIZER_DIR / "tokenizer.json").read_bytes()
     # No temp or stale directories left behind.
-    assert sorted(p.name for p in (home / "builtin").iterdir()) == ["tiny-student", "tiny-teacher"]
+    assert sorted(p.name for p in (home / "builtin").iterdir()) == ["tiny-student", "tiny-teacher-init"]
 
 
 def test_models_load_with_expected_shapes(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, dirs = built
-    teacher = AutoModelForCausalLM.from_pretrained(dirs["tiny-teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(dirs["tiny-teacher-init"])
     student = AutoModelForCausalLM.from_pretrained(dirs["tiny-student"])
     tok = AutoTokenizer.from_pretrained(dirs["tiny-student"])
     n = len(tok)
@@ -87,11 +87,11 @@ def test_forward_on_teacher_and_student_views(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, dirs = built
-    tok = AutoTokenizer.from_pretrained(dirs["tiny-teacher"])
+    tok = AutoTokenizer.from_pretrained(dirs["tiny-teacher-init"])
     rec = next(r for r in tasks.generate(8, seed=0) if r["strategy"] == "step_by_step")
     t_ids = tok.apply_chat_template(tasks.messages(rec), tokenize=True, return_dict=False)
     s_ids = tok.apply_chat_template(tasks.messages(rec, erase=True), tokenize=True, return_dict=False)
-    for name, ids in (("tiny-teacher", t_ids), ("tiny-student", s_ids)):
+    for name, ids in (("tiny-teacher-init", t_ids), ("tiny-student", s_ids)):
         model = AutoModelForCausalLM.from_pretrained(dirs[name])
         x = torch.tensor([ids])
         out = model(input_ids=x, labels=x)
@@ -149,3 +149,21 @@ def test_losing_the_race_keeps_the_winner(monkeypatch, tmp_path):
     assert demo.resolve("builtin:tiny-student") == str(final)
     assert (final / "winner").exists() and demo._is_complete(final, "tiny-student")
     assert sorted(p.name for p in final.parent.iterdir()) == ["tiny-student"]
+
+
+def test_tiny_teacher_is_the_shipped_model(monkeypatch, tmp_path):
+    """builtin:tiny-teacher is kd/assets/teacher (not copied) when shipped, else the random init."""
+    monkeypatch.setenv("KD_HOME", str(tmp_path))
+    if demo.shipped_teacher() is not None:
+        assert demo.resolve("builtin:tiny-teacher") == str(demo.TEACHER_DIR)
+        assert not (tmp_path / "builtin").exists()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(demo.TEACHER_DIR)
+        tok = AutoTokenizer.from_pretrained(demo.TEACHER_DIR)
+        assert tok.get_vocab() == AutoTokenizer.from_pretrained(demo.TOKENIZER_DIR).get_vocab()
+        assert model.config.vocab_size >= len(tok) and model.dtype == torch.float32
+        assert sum(p.stat().st_size for p in demo.TEACHER_DIR.iterdir()) < 16 * 2**20  # a few MB
+    monkeypatch.setattr(demo, "TEACHER_DIR", tmp_path / "absent")
+    assert demo.resolve("builtin:tiny-teacher") == str(tmp_path / "builtin" / "tiny-teacher")
+    assert demo._is_complete(tmp_path / "builtin" / "tiny-teacher", "tiny-teacher")

@@ -1,0 +1,91 @@
+"""Train the shipped demo teacher (kd/assets/teacher) and report its accuracy.
+
+    OMP_NUM_THREADS=1 python scripts/train_teacher.py [--out runs/teacher] [--no-ship] [key=value ...]
+
+1. Writes fresh strategy-task records (kd.tasks, fixed seed, no prompt of data/demo/eval.jsonl)
+   to <out>/data/train.jsonl: the teacher is trained on gold responses *with* the instructions.
+2. Runs `python -m kd.train --config configs/teacher.yaml` (alpha=1: plain SFT; erase off) on
+   builtin:tiny-teacher-init, a seeded random init (kd/demo.py).
+3. Copies the exported student/ (safetensors, config, tokenizer files) to kd/assets/teacher/.
+4. Evaluates it on data/demo/eval.jsonl (greedy, exact match) with --system strategy and generic.
+Extra key=value arguments are passed to kd.train as config overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+N_TRAIN, DATA_SEED = 16000, 100  # fresh problems; seeds 0/1 made data/demo train/eval
+ASSETS = ROOT / "kd" / "assets" / "teacher"
+SHIP = ("model.safetensors", "config.json", "generation_config.json")  # + the project tokenizer's files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="runs/teacher")
+    ap.add_argument("--no-ship", action="store_true", help="do not copy the result to kd/assets/teacher")
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--skip-train", action="store_true", help="ship and evaluate <out>/student as it is")
+    args, overrides = ap.parse_known_args()
+    os.chdir(ROOT)
+    from kd import tasks
+
+    out = Path(args.out)
+    data = out / "data" / "train.jsonl"
+    evals = [json.loads(line) for line in open("data/demo/eval.jsonl")]
+    recs = tasks.generate(N_TRAIN, DATA_SEED, exclude=[r["prompt"] for r in evals])
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "kd.train", "--config", "configs/teacher.yaml", f"train.output_dir={out}",
+           f"data.train_files=[{data}]", *overrides]
+    if not args.skip_train:  # (a rerun resumes from <out>'s latest checkpoint)
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        print(f"teacher training: {time.time() - t0:.0f} s", flush=True)
+
+    model_dir = out / "student"
+    if not args.no_ship:
+        ASSETS.mkdir(parents=True, exist_ok=True)
+        for f in ASSETS.iterdir():
+            f.unlink()
+        from kd.demo import TOKENIZER_DIR
+
+        for name in SHIP:
+            shutil.copyfile(model_dir / name, ASSETS / name)
+        for f in TOKENIZER_DIR.iterdir():  # byte-identical to kd/assets/tokenizer
+            shutil.copyfile(f, ASSETS / f.name)
+        model_dir = ASSETS
+        print(f"shipped to {ASSETS}")
+
+    import torch
+
+    from kd.accuracy import evaluate_accuracy, format_table
+    from kd.generate import load_for_generation, quiet
+
+    quiet()
+    tok, model = load_for_generation(str(model_dir), "float32", torch.device("cpu"))
+    n = sum(p.numel() for p in model.parameters())
+    results = {"model": str(model_dir), "parameters": n}
+    for mode in ("strategy", "generic"):
+        r = evaluate_accuracy(model, tok, evals[: args.eval_limit], mode, batch_size=50, max_new_tokens=200)
+        results[mode] = r
+        print(format_table({**r, "model": str(model_dir), "system": mode}), flush=True)
+    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"teacher ({n:,} parameters): accuracy with instruction {results['strategy']['accuracy']:.3f}, "
+          f"with the generic system message {results['generic']['accuracy']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
