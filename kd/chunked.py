@@ -6,15 +6,17 @@ has the semantics and values of
     kd_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels, ...)
 
 (see `kd.losses`), but never holds a full [N, V] tensor: rows are processed `chunk_size` at a
-time. Each chunk is projected through both lm_heads, CE and the divergence are evaluated in fp32,
-and the gradient of the weighted loss w.r.t. the chunk's student logits is written down
-analytically (formulas below). That logits-gradient is pushed through the lm_head at once: into
-the student-hidden gradient rows and accumulated into the weight (and bias) gradient, all inside
-forward. Backward only scales the stored gradients by the incoming grad_output.
+time. Each chunk is projected through both lm_heads into two reused fp32 [chunk, V] buffers,
+CE and the divergence are evaluated in fp32 (a few rows at a time, in place), and the gradient of
+the weighted loss w.r.t. the chunk's student logits is written down analytically (formulas
+below). That logits-gradient is pushed through the lm_head at once: into the student-hidden
+gradient rows and accumulated into the weight (and bias) gradient, all inside forward. Backward
+only scales the stored gradients by the incoming grad_output.
 
-Why analytic rather than a per-chunk autograd graph: autograd keeps every intermediate of the
-loss alive (~8-10 [C, V] fp32 tensors per chunk for the KL family), the analytic form needs ~5
-and fewer passes over memory (measured in benchmarks/README.md).
+Why analytic rather than a local autograd graph per chunk (both measured, CPU fp32, 7B/70B
+shapes, chunk 1024): autograd keeps every intermediate of kd_loss alive, ~9 [chunk, V] tensors;
+extra peak at N = 2048 was 1816 MiB against 864 MiB here. Time was within noise (1 thread,
+N = 1024: dense 12.6 s, per-chunk autograd 12.8 s, this 11.7 s); the GEMMs dominate.
 
 Gradients, with q = softmax(s / T) (student), p = softmax(t / T) (teacher), D(p || q) per row,
 and g_j = dD/dq_j: dD/d(s_j / T) = q_j * (g_j - sum_k q_k g_k). Per divergence (terms constant
@@ -42,10 +44,10 @@ from kd.losses import _LOG_FLOOR, DIVERGENCES, LossParts, mix
 
 # Same as F.cross_entropy's default, so labels mean exactly what they mean in `kd_loss`.
 IGNORE_INDEX = -100
-# Bytes of one [rows, V] fp32 block of the elementwise loss math: its temporaries stay this size
-# whatever chunk_size. On CPU a few MiB keeps the ~15 passes over the block in cache (and below
-# malloc's mmap threshold, so nothing is page-faulted in again); on GPU big blocks keep the
-# kernels few and large, and the caching allocator reuses their memory anyway.
+# Bytes of one [rows, V] fp32 block of the elementwise loss math; its ~3 temporaries stay this
+# size whatever chunk_size. On CPU: small enough to stay in cache and below malloc's mmap
+# threshold (no page faults), large enough to keep the op count low (each op is a parallel
+# region, costly when the cores are shared). On GPU: big, so kernels are few and large.
 _ROW_BLOCK_BYTES = {"cpu": 16 * 2**20}
 _ROW_BLOCK_BYTES_DEFAULT = 256 * 2**20
 
@@ -139,10 +141,10 @@ class _ChunkedKD(torch.autograd.Function):
         tw = t_weight[:V] if opts.need_teacher else None
         tb = t_bias[:V] if opts.need_teacher and t_bias is not None else None
 
-        # Low-precision weight/bias grads accumulate over chunks in fp32 (one GEMM per chunk would
-        # otherwise round the running sum to bf16 N / chunk_size times); cast once in backward.
         grad_h = torch.empty_like(s_hidden, memory_format=torch.contiguous_format) if want_h else None
-        # The first chunk overwrites rows [:V] (no zero-fill pass over a weight-sized buffer).
+        # Low-precision weight/bias grads accumulate over chunks in fp32 (a bf16 running sum would
+        # be rounded N / chunk_size times); cast once in backward. The first chunk overwrites
+        # rows [:V], so no zero-fill pass over a weight-sized buffer.
         grad_w = s_weight.new_empty(s_weight.shape, dtype=_acc_dtype(s_weight)) if want_w else None
         grad_b = s_bias.new_zeros(s_bias.shape, dtype=torch.float32) if want_b else None
         if grad_w is not None:
@@ -151,8 +153,8 @@ class _ChunkedKD(torch.autograd.Function):
         ce_total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
         kd_total = torch.zeros((), dtype=torch.float32, device=s_hidden.device)
         # Two fp32 logits buffers reused by every chunk (fresh ones would be page-faulted in again
-        # each chunk on CPU). The loss math runs in place on them, a block of rows at a time: the
-        # GEMMs want tall chunks, the elementwise temporaries only need a few rows.
+        # each chunk on CPU). The loss math runs on them a block of rows at a time: the GEMMs want
+        # tall chunks, the elementwise temporaries only a few rows.
         rows_max = min(opts.chunk_size, n_rows)
         s_buf = s_hidden.new_empty((rows_max, V), dtype=torch.float32)
         t_buf = s_hidden.new_empty((rows_max, V), dtype=torch.float32) if opts.need_teacher else None

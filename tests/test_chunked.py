@@ -230,3 +230,21 @@ def test_bad_arguments():
         chunked_loss(x, 0, vocab_size=V, alpha=0.5)
     with pytest.raises(ValueError, match="vocab_size"):
         chunked_loss(x, 5, vocab_size=VT + 1, alpha=0.5)
+
+
+@pytest.mark.parametrize("div,dkw", DIV_CASES, ids=DIV_IDS)
+def test_columns_masked_by_bias_in_both_models(div, dkw):
+    # A -inf bias masks vocabulary entries out of both distributions: finite values and gradients,
+    # the masked columns take no gradient, and everything matches the dense path.
+    x = make_inputs(seed=12, bias=True)
+    x["labels"] = x["labels"] % 40
+    with torch.no_grad():
+        x["student_bias"][40:V] = float("-inf")
+        x["teacher_bias"][40:V] = float("-inf")
+    kw = dict(vocab_size=V, alpha=0.5, temperature=2.0, divergence=div, **dkw)
+    assert_same(x, 6, **kw)
+    out = chunked_loss(x, 6, **kw)
+    assert torch.isfinite(out.weighted_sum)
+    gh, gw, gb = grads(out, x)
+    assert all(torch.isfinite(g).all() for g in (gh, gw, gb))
+    assert (gb[40:] == 0).all() and (gw[40:] == 0).all()
