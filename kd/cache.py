@@ -74,6 +74,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kd.checkpoint import fsync_dir
 from kd.distributed import gathered
 from kd.errors import KDError
 from kd.forward import Distiller, fp32_logits, head, response_hidden, teacher_forward
@@ -330,14 +331,6 @@ def shard_name(split: str, i: int) -> str:
     return f"{split}-{i:05d}.safetensors"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_atomic(tmp: Path, final: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
@@ -345,7 +338,7 @@ def _replace_atomic(tmp: Path, final: Path) -> None:
     with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -21,7 +21,7 @@ from kd.errors import KDError
 STATE_FILE = "trainer_state.json"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -36,7 +36,7 @@ def _write_atomic(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save(accelerator, output_dir: str, step: int, state: dict, keep: int) -> Path:
@@ -56,7 +56,7 @@ def save(accelerator, output_dir: str, step: int, state: dict, keep: int) -> Pat
         if final.exists():  # re-saving a step (e.g. end of a resumed run) replaces it
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         _write_atomic(root / "latest", final.name)
         for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
