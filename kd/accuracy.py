@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 from kd import tasks
-from kd.errors import KDError
+from kd.errors import one_line_errors
 from kd.generate import (
     ArgParser,
     add_common_args,
@@ -226,12 +225,8 @@ def parse_args(argv=None):
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one `kd: error:` line on stderr and exit status 2."""
     args = parse_args(argv)
-    try:
+    with one_line_errors():
         run(args)
-    except KDError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -76,7 +75,7 @@ import torch.nn.functional as F
 
 from kd.checkpoint import fsync_dir
 from kd.distributed import gathered
-from kd.errors import KDError
+from kd.errors import KDError, one_line_errors
 from kd.forward import Distiller, fp32_logits, head, response_hidden, teacher_forward
 from kd.losses import LossParts, divergence_from_logprobs, mix
 
@@ -624,7 +623,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="from_pretrained device_map, e.g. auto: one process spreads the teacher over its GPUs")
     ap.add_argument("--out", default=None, help="cache directory (default: teacher.cache)")
     args, rest = ap.parse_known_args(argv)
-    try:
+    with one_line_errors():
         from kd.config import load_config
         from kd.train import parse_args, quiet_libraries
 
@@ -638,10 +637,6 @@ def main(argv: list[str] | None = None) -> None:
             raise CacheError(f"--tail-temperatures takes numbers, not {args.tail_temperatures!r}") from None
         build_cache(load_config(path, overrides), k=args.k, tail_temperatures=temps, shard_examples=args.shard_examples,
                     batch_size=args.batch_size, device_map=args.device_map)
-    except KDError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

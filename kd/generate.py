@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kd.errors import DataError, KDError
+from kd.errors import DataError, KDError, one_line_errors
 from kd.tasks import GENERIC_SYSTEM
 
 SYSTEM_MODES = ("strategy", "generic", "none")
@@ -323,12 +323,8 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors become one `kd: error:` line on stderr and exit status 2."""
     args = parse_args(argv)
-    try:
+    with one_line_errors():
         run(args)
-    except KDError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails the same way; say it once
-            print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

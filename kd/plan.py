@@ -11,14 +11,13 @@ tests/test_plan.py and README "Running on GPU nodes").
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
 
 import torch
 
 from kd import demo
 from kd.config import Config, load_config
-from kd.errors import KDError
+from kd.errors import KDError, one_line_errors
 
 GiB = 1024**3
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -151,13 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cpu", action="store_true", help="plan a CPU run (fp32, no runtime reserve)")
     ap.add_argument("--response-fraction", type=float, default=0.5, help="share of tokens that are response")
     args, overrides = ap.parse_known_args(argv)
-    try:
+    with one_line_errors():
         cfg = load_config(args.config, overrides)
         rows = plan(cfg, args.gpus, args.nodes, args.student_zero, gpu=not args.cpu,
                     response_fraction=args.response_fraction, offload_optimizer=args.offload_optimizer)
-    except KDError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)
     topo = f"{args.nodes} node(s) x {args.gpus} {'processes' if args.cpu else 'GPUs'}, student " + \
         ("DDP" if args.student_zero == 0 else f"ZeRO-{args.student_zero}")
     print(f"memory plan for {args.config}: {topo}, micro-batch {cfg.train.micro_batch_size} x "

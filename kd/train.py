@@ -15,7 +15,6 @@ if __name__ == "__main__" and not __package__:  # run as a file: make `kd` impor
 import argparse
 import functools
 import math
-import os
 import time
 import warnings
 
@@ -28,7 +27,7 @@ from kd.config import Config, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
 from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, make_accelerator, memory_gib,
                             shard_teacher, teacher_zero3_config, zero3_loading)
-from kd.errors import KDError
+from kd.errors import one_line_errors
 from kd.forward import Distiller, eval_sums, head, teacher_forward
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
 from kd.preempt import StopRequest
@@ -232,13 +231,9 @@ def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    with one_line_errors():
         path, overrides = parse_args(argv)
         train(load_config(path, overrides))
-    except KDError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # every rank fails the same way; say it once
-            print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
