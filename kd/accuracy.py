@@ -43,8 +43,11 @@ _STRATEGY_ORDER = {s: i for i, s in enumerate(tasks.STRATEGIES)}
 # --------------------------------------------------------------------------- scoring
 
 
-def _cell(n: int, correct: int) -> dict:
-    return {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+def _cell(n: int, correct: int, chose: int | None = None) -> dict:
+    out = {"n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+    if chose is not None:
+        out["strategy_match"] = chose / n if n else 0.0
+    return out
 
 
 def _bucket_key(key: str):
@@ -61,27 +64,32 @@ def _difficulty_key(key: str):
 
 
 def score(records: list[dict], texts: list[str]) -> dict:
-    """Exact-match accuracy of `texts` (one model response per record) via `tasks.is_correct`.
+    """Exact-match accuracy of `texts` (one model response per record) via `tasks.is_correct`,
+    and how often the response used the record's strategy (`tasks.response_strategy`: a trace for
+    step_by_step problems, a lone answer line for direct ones), right answer or not.
 
-    -> {n, correct, accuracy, answered (texts with an extractable answer),
-        by_bucket: {"family/strategy": {n, correct, accuracy}}, by_difficulty: {"d": {...}}}
+    -> {n, correct, accuracy, strategy_match, answered (texts with an extractable answer),
+        by_bucket: {"family/strategy": {n, correct, accuracy, strategy_match}},
+        by_difficulty: {"d": {n, correct, accuracy}}}
     Buckets are ordered by tasks.FAMILIES/STRATEGIES, difficulties numerically; a record without
     `strategy` or `difficulty` is counted under "-".
     """
     if len(records) != len(texts):
         raise ValueError(f"{len(records)} records but {len(texts)} texts")
-    counts = {"bucket": defaultdict(lambda: [0, 0]), "difficulty": defaultdict(lambda: [0, 0])}
-    correct = answered = 0
+    counts = {"bucket": defaultdict(lambda: [0, 0, 0]), "difficulty": defaultdict(lambda: [0, 0])}
+    correct = answered = chose = 0
     for rec, text in zip(records, texts):
         ok = tasks.is_correct(rec, text)
+        same = tasks.response_strategy(rec["family"], text) == rec.get("strategy")
         correct += ok
+        chose += same
         answered += tasks.extract_answer(rec["family"], text) is not None
-        bucket = f"{rec['family']}/{rec.get('strategy', '-')}"
+        b = counts["bucket"][f"{rec['family']}/{rec.get('strategy', '-')}"]
+        b[0], b[1], b[2] = b[0] + 1, b[1] + ok, b[2] + same
         diff = rec.get("difficulty")
-        for kind, key in (("bucket", bucket), ("difficulty", "-" if diff is None else str(diff))):
-            counts[kind][key][0] += 1
-            counts[kind][key][1] += ok
-    out = _cell(len(records), correct)
+        d = counts["difficulty"]["-" if diff is None else str(diff)]
+        d[0], d[1] = d[0] + 1, d[1] + ok
+    out = _cell(len(records), correct, chose)
     out["answered"] = answered
     out["by_bucket"] = {k: _cell(*counts["bucket"][k]) for k in sorted(counts["bucket"], key=_bucket_key)}
     out["by_difficulty"] = {k: _cell(*counts["difficulty"][k])
@@ -148,15 +156,16 @@ def token_metrics(student, teacher, tokenizer, records: list[dict], system_mode:
 def format_table(result: dict) -> str:
     """Markdown tables of a result dict from `run` / `evaluate_accuracy`."""
     pct = lambda c: f"{100 * c['accuracy']:.1f}%"  # noqa: E731
+    chose = lambda c: f"{100 * c['strategy_match']:.1f}%" if "strategy_match" in c else "–"  # noqa: E731
     lines = [
         f"accuracy of {result.get('model', 'model')} (system={result.get('system', '?')}, "
         f"{result['answered']}/{result['n']} responses gave an answer)",
         "",
-        "| bucket | n | correct | accuracy |",
-        "|:--|--:|--:|--:|",
-        f"| all | {result['n']} | {result['correct']} | {pct(result)} |",
+        "| bucket | n | correct | accuracy | used its strategy |",
+        "|:--|--:|--:|--:|--:|",
+        f"| all | {result['n']} | {result['correct']} | {pct(result)} | {chose(result)} |",
     ]
-    lines += [f"| {k} | {c['n']} | {c['correct']} | {pct(c)} |" for k, c in result["by_bucket"].items()]
+    lines += [f"| {k} | {c['n']} | {c['correct']} | {pct(c)} | {chose(c)} |" for k, c in result["by_bucket"].items()]
     lines += ["", "| difficulty | n | correct | accuracy |", "|--:|--:|--:|--:|"]
     lines += [f"| {k} | {c['n']} | {c['correct']} | {pct(c)} |" for k, c in result["by_difficulty"].items()]
     tm = result.get("token_metrics")

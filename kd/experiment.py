@@ -120,8 +120,10 @@ def evaluate(model_name: str, s: dict, evals: list[dict], modes=("generic",), te
     return res
 
 
-def train_one(s: dict, variant: str, seed: int, data: Path, eval_file: Path, out: Path, evals, teacher, log) -> dict:
-    """Train one student (subprocess), then evaluate it; cached by settings."""
+def train_one(s: dict, variant: str, seed: int, data: Path, eval_file: Path, out: Path, evals, teacher, log,
+              train_only: bool = False) -> dict | None:
+    """Train one student (subprocess), then evaluate it; cached by settings. With `train_only`,
+    stop after training (None), so several trainings can run side by side before evaluating."""
     run_dir = out / "runs" / variant / f"seed{seed}"
     overrides = {**s["train_overrides"], **s["variants"][variant]["overrides"],
                  "teacher.name_or_path": s["teacher"], "student.name_or_path": s["student"],
@@ -130,28 +132,35 @@ def train_one(s: dict, variant: str, seed: int, data: Path, eval_file: Path, out
                  "log.progress_bar": "false", "log.tracker": "none"}
     key = digest([overrides, s["base_config"], model_digest(s["teacher"]), s["eval"],
                   (data.parent / "meta.json").read_text()])
-    res_path = run_dir / "result.json"
+    res_path, trained_path = run_dir / "result.json", run_dir / "trained.json"
     if res_path.is_file() and json.loads(res_path.read_text()).get("key") == key:
-        log(f"{variant} seed {seed}: reusing {res_path}")
-        return json.loads(res_path.read_text())
-    cmd = [sys.executable, "-m", "kd.train", "--config", str(ROOT / s["base_config"]),
-           *[f"{k}={v}" for k, v in overrides.items()]]
-    t0 = time.time()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise SystemExit(f"kd: error: training {variant} seed {seed} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    t_train = time.time() - t0
+        if not train_only:
+            log(f"{variant} seed {seed}: reusing {res_path}")
+        return None if train_only else json.loads(res_path.read_text())
+    trained = json.loads(trained_path.read_text()) if trained_path.is_file() else {}
+    if trained.get("key") != key:
+        cmd = [sys.executable, "-m", "kd.train", "--config", str(ROOT / s["base_config"]),
+               *[f"{k}={v}" for k, v in overrides.items()]]
+        t0 = time.time()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"kd: error: training {variant} seed {seed} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+        trained = {"key": key, "train_seconds": round(time.time() - t0, 1)}
+        trained_path.write_text(json.dumps(trained) + "\n")
+        log(f"{variant} seed {seed}: trained in {trained['train_seconds']:.0f} s")
+    if train_only:
+        return None
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     last_eval = next((r for r in reversed(rows) if "eval/ce" in r), {})
     t0 = time.time()
     res = evaluate(str(run_dir / "student"), s, evals, ("generic",), teacher)
-    res.update(key=key, variant=variant, seed=seed, train_seconds=round(t_train, 1),
+    res.update(key=key, variant=variant, seed=seed, train_seconds=trained["train_seconds"],
                eval_seconds=round(time.time() - t0, 1), overrides=overrides,
                trainer_eval={k: v for k, v in last_eval.items() if k.startswith("eval/")},
                final_train_loss=rows[-1].get("train/loss"))
     res_path.write_text(json.dumps(res, indent=2) + "\n")
-    log(f"{variant} seed {seed}: accuracy {res['generic']['accuracy']:.3f} "
-        f"(train {t_train:.0f} s, eval {res['eval_seconds']:.0f} s)")
+    log(f"{variant} seed {seed}: accuracy {res['generic']['accuracy']:.3f}, used its strategy "
+        f"{res['generic']['strategy_match']:.3f} (eval {res['eval_seconds']:.0f} s)")
     return res
 
 
@@ -178,12 +187,13 @@ def summarise(s: dict, teacher_res: dict, runs: dict[str, list[dict]]) -> list[d
     rows = []
     for mode, label in (("strategy", "teacher, with its instructions"), ("generic", "teacher, generic system")):
         r = teacher_res[mode]
-        rows.append(dict(name=label, acc=[r["accuracy"]],
+        rows.append(dict(name=label, acc=[r["accuracy"]], chose=[r["strategy_match"]],
                          buckets={b: [r["by_bucket"].get(b, {}).get("accuracy", 0.0)] for b in BUCKETS}, tm=None))
     for variant, results in runs.items():
         rows.append(dict(
             name=s["variants"][variant]["label"], variant=variant,
             acc=[r["generic"]["accuracy"] for r in results],
+            chose=[r["generic"]["strategy_match"] for r in results],
             buckets={b: [r["generic"]["by_bucket"].get(b, {}).get("accuracy", 0.0) for r in results] for b in BUCKETS},
             tm={k: [r["token_metrics"][k] for r in results] for k in ("ce", "forward_kl", "top1_agreement")},
             seeds=[r["seed"] for r in results]))
@@ -193,14 +203,14 @@ def summarise(s: dict, teacher_res: dict, runs: dict[str, list[dict]]) -> list[d
 def render(s: dict, rows: list[dict], meta: dict, command: str, timings: dict) -> str:
     v0 = next(iter(s["variants"].values()))
     n_eval = timings["n_eval"]
-    head = ("| model (evaluated with the generic system message unless noted) | accuracy % | "
+    head = ("| model (evaluated with the generic system message unless noted) | accuracy % | right strategy % | "
             + " | ".join(BUCKETS) + " | eval CE | KL(t‖s) | top-1 agr. % |")
-    lines = [head, "|:--|--:|" + "--:|" * len(BUCKETS) + "--:|--:|--:|"]
+    lines = [head, "|:--|--:|--:|" + "--:|" * len(BUCKETS) + "--:|--:|--:|"]
     for r in rows:
         tm = r["tm"]
         extra = ([pm(tm["ce"], False), pm(tm["forward_kl"], False), pm(tm["top1_agreement"])]
                  if tm else ["–", "–", "–"])
-        lines.append(f"| {r['name']} | {pm(r['acc'])} | " + " | ".join(pm(r["buckets"][b]) for b in BUCKETS)
+        lines.append(f"| {r['name']} | {pm(r['acc'])} | {pm(r['chose'])} | " + " | ".join(pm(r["buckets"][b]) for b in BUCKETS)
                      + " | " + " | ".join(extra) + " |")
     ov = s["train_overrides"]
     settings = [
@@ -219,12 +229,15 @@ def render(s: dict, rows: list[dict], meta: dict, command: str, timings: dict) -
         f"- evaluation (fixed before results were seen): the {n_eval} held-out problems of "
         f"`{s['eval_data']}` (no prompt shared with the training set), greedy decoding, at most "
         f"{s['eval']['max_new_tokens']} new tokens, exact match of the final \"The answer is N.\" "
-        "(kd.accuracy). Students always see the generic system message "
+        "(kd.accuracy); \"right strategy\" is the share of responses in the form the problem's "
+        "strategy calls for (a trace for long problems, a lone answer line for short ones), right or "
+        "wrong (kd.tasks.response_strategy). Students always see the generic system message "
         f"(\"{_generic()}\"), including variant (c), which was trained with the instructions.",
         "- token metrics on the gold responses of the same eval set (kd.accuracy.token_metrics): "
         "student CE per response token, forward KL(teacher ‖ student) at T = 1 and top-1 agreement, "
         "the student reading the generic view and the teacher the strategy view.",
-        f"- machine: {platform.processor() or platform.machine()}, {timings['threads']} thread(s), "
+        f"- machine: {platform.processor() or platform.machine()}, {timings['threads']} thread(s) per "
+        f"process, {timings.get('jobs', 1)} training run(s) at a time, "
         f"torch {timings['torch']}; wall time {timings['total'] / 60:.1f} min (teacher data "
         f"{timings['data']:.0f} s, teacher eval {timings['teacher_eval']:.0f} s, students "
         f"{timings['students']:.0f} s).",
@@ -279,6 +292,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--variants", default=None, help="comma-separated subset of the config's variants")
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and in each training run")
+    ap.add_argument("--jobs", type=int, default=2, help="training runs at a time (each uses --threads)")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -314,11 +328,18 @@ def main(argv=None) -> None:
     log(f"teacher: accuracy {teacher_res['strategy']['accuracy']:.3f} with instructions, "
         f"{teacher_res['generic']['accuracy']:.3f} generic")
     t0 = time.time()
+    jobs = [(v, seed) for v in s["variants"] for seed in range(s["seeds"])]
+    if args.jobs > 1:  # trainings are independent single-thread processes: run them side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda j: train_one(s, *j, data, eval_file, out, evals, teacher, log, train_only=True),
+                          jobs))
     runs = {v: [train_one(s, v, seed, data, eval_file, out, evals, teacher, log) for seed in range(s["seeds"])]
             for v in s["variants"]}
     t_students = time.time() - t0
     timings = dict(total=time.time() - t_start, data=t_data, teacher_eval=t_teacher, students=t_students,
-                   threads=args.threads, torch=torch.__version__, n_eval=len(evals))
+                   threads=args.threads, jobs=args.jobs, torch=torch.__version__, n_eval=len(evals))
     rows = summarise(s, teacher_res, runs)
     (out / "results.json").write_text(json.dumps(dict(settings=s, command=command, teacher=teacher_res,
                                                       data=meta, runs=runs, rows=rows, timings=timings),

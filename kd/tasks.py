@@ -6,11 +6,15 @@ teacher sees the detailed strategy instruction in `record["system"]`; the studen
 `GENERIC_SYSTEM` instead and must infer the strategy from the problem itself.
 
 Families:
-  addition  direct: both operands < 100.  step_by_step: operands of 4-7 digits, column sums with
-            carries written right to left.
-  count     direct: 2-5 words.  step_by_step: 10-16 words, one line per word with a running tally.
+  addition  direct: a two-digit plus a one-digit number. step_by_step: operands of 3-4 digits,
+            one line per column from the right with the carry and the result so far.
+  count     direct: 2-4 words. step_by_step: 6-9 words, one line per word (match or not, and the
+            running count).
 
-Every response ends with "The answer is N." so `extract_answer` works for both strategies.
+The traces are built so every step is local: each line repeats what is left of the numbers (or
+the word at hand) next to the state it updates, so a few-layer model can follow them by copying
+from the line above rather than by counting positions in the prompt. Every response ends with
+"The answer is N." so `extract_answer` works for both strategies.
 """
 
 from __future__ import annotations
@@ -25,35 +29,31 @@ GENERIC_SYSTEM = "You are a helpful assistant."
 
 SYSTEM_INSTRUCTIONS = {
     ("addition", "direct"): (
-        "The numbers are small, so answer directly. Do not show any working: reply with one line "
-        'of the form "The answer is N." where N is the sum.'
+        'The numbers are small: answer at once, with no working, in one line "The answer is N."'
     ),
     ("addition", "step_by_step"): (
-        "Solve step by step. First write \"Add column by column from the right:\". Then, starting "
-        "from the rightmost digit, write one line per column: the digit of the first number and "
-        "of the second number (0 where a number has no digit left) and the carry in, their sum, the "
-        "digit to write and the carry out. If a carry is left at the end, write \"final carry 1\". "
-        'Finish with "The answer is N." where N is the sum.'
+        'Add step by step from the right. Write "Add from the right:", then one line per column: '
+        'what is left of both numbers, the carry, the sum of the last digits and the carry, and the '
+        'result so far. End with "The answer is N."'
     ),
     ("count", "direct"): (
-        "The list is short, so answer directly. Do not show any working: reply with one line of "
-        'the form "The answer is N." where N is how many times the word occurs.'
+        'The list is short: answer at once, with no working, in one line "The answer is N."'
     ),
     ("count", "step_by_step"): (
-        "Solve step by step. First write \"Count the word going through the list:\". Then write "
-        "one line per word of the list, in order: the word and the running count of the target "
-        "word so far, which goes up by one only when the word matches exactly. "
-        'Finish with "The answer is N." where N is the final count.'
+        'Count step by step. Write "Count W:" for the word W, then one line per word of the list: '
+        'the word, yes if it is W or no, and the count so far. End with "The answer is N."'
     ),
 }
 
-# Long forms are kept far from short ones so the right strategy is unambiguous.
-ADD_DIRECT_MAX = 99
-ADD_STEP_DIGITS = (4, 7)
-COUNT_DIRECT_LEN = (2, 5)
-COUNT_STEP_LEN = (10, 16)
+# Short and long forms are kept far apart so the right strategy is unambiguous.
+ADD_DIRECT_A = (10, 99)  # a two-digit number ...
+ADD_DIRECT_B = (1, 9)  # ... plus a one-digit one
+ADD_STEP_DIGITS = (3, 4)
+COUNT_DIRECT_LEN = (2, 4)
+COUNT_STEP_LEN = (6, 9)
 COUNT_WORDS = ("cat", "dog", "sun", "tree", "fish", "book", "car", "bird")
 _TARGET_RATE = 0.3
+STEP_HEADERS = {"addition": "Add from the right:", "count": "Count "}
 
 _ANSWER_RE = re.compile(r"The answer is\s*(-?[\d,]+)")
 
@@ -66,14 +66,14 @@ def _answer_line(value: int) -> str:
 def _addition(rng: random.Random, strategy: str) -> dict:
     """One addition problem in the form that suits `strategy`."""
     if strategy == "direct":
-        a, b = rng.randint(0, ADD_DIRECT_MAX), rng.randint(0, ADD_DIRECT_MAX)
+        a, b = rng.randint(*ADD_DIRECT_A), rng.randint(*ADD_DIRECT_B)
         response = _answer_line(a + b)
     else:
         lo, hi = ADD_STEP_DIGITS
         da, db = rng.randint(lo, hi), rng.randint(lo, hi)
         a = rng.randint(10 ** (da - 1), 10**da - 1)
         b = rng.randint(10 ** (db - 1), 10**db - 1)
-        response = _addition_steps(a, b)
+        response = addition_steps(a, b)
     return {
         "prompt": f"What is {a} + {b}?",
         "response": response,
@@ -82,20 +82,28 @@ def _addition(rng: random.Random, strategy: str) -> dict:
     }
 
 
-def _addition_steps(a: int, b: int) -> str:
-    """Column-by-column trace of a + b, least significant digit first."""
-    sa, sb = str(a)[::-1], str(b)[::-1]
-    lines = ["Add column by column from the right:"]
-    carry = 0
-    for i in range(max(len(sa), len(sb))):
-        x = int(sa[i]) if i < len(sa) else 0
-        y = int(sb[i]) if i < len(sb) else 0
-        s = x + y + carry
-        lines.append(f"{x}+{y}+{carry}={s} write {s % 10} carry {s // 10}")
-        carry = s // 10
-    if carry:
-        lines.append("final carry 1")
-    lines.append(_answer_line(a + b))
+def addition_steps(a: int, b: int) -> str:
+    """Column trace of a + b from the right. Line i shows the numbers with their last i digits
+    removed (0 once a number is used up), the carry in, the column sum and the result so far;
+    a final carry gets its own "0 + 0" line."""
+    lines = [STEP_HEADERS["addition"]]
+    carry, result = 0, ""
+    while a or b or carry:
+        s = a % 10 + b % 10 + carry
+        result = str(s % 10) + result
+        lines.append(f"{a} + {b} carry {carry}: {a % 10}+{b % 10}+{carry}={s} so far {result}")
+        a, b, carry = a // 10, b // 10, s // 10
+    lines.append(_answer_line(int(result)))
+    return "\n".join(lines)
+
+
+def count_steps(target: str, words: list[str]) -> str:
+    """One line per word: the word, whether it is `target`, and the running count."""
+    lines, running = [f"{STEP_HEADERS['count']}{target}:"], 0
+    for w in words:
+        running += w == target
+        lines.append(f"{w} {'yes' if w == target else 'no'} {running}")
+    lines.append(_answer_line(running))
     return "\n".join(lines)
 
 
@@ -107,15 +115,7 @@ def _count(rng: random.Random, strategy: str) -> dict:
     length = rng.randint(lo, hi)
     words = [target if rng.random() < _TARGET_RATE else rng.choice(others) for _ in range(length)]
     n = words.count(target)
-    if strategy == "direct":
-        response = _answer_line(n)
-    else:
-        lines, running = ["Count the word going through the list:"], 0
-        for w in words:
-            running += w == target
-            lines.append(f"{w} {running}")
-        lines.append(_answer_line(n))
-        response = "\n".join(lines)
+    response = _answer_line(n) if strategy == "direct" else count_steps(target, words)
     return {
         "prompt": f'How many times does the word "{target}" appear in this list? {", ".join(words)}',
         "response": response,
@@ -141,12 +141,13 @@ def make_record(family: str, strategy: str, rng: random.Random) -> dict:
     }
 
 
-def generate(n: int, seed: int, families=None, exclude=None) -> list[dict]:
-    """`n` distinct records, balanced over (family, strategy) cells, deterministic in `seed`.
+def generate(n: int, seed: int, families=None, exclude=None, distinct: bool = True) -> list[dict]:
+    """`n` records, balanced over (family, strategy) cells, deterministic in `seed`.
 
     Cells are filled round robin and the result shuffled. Prompts in `exclude` (an iterable of
-    prompt strings, e.g. an eval set's) and repeated prompts are skipped, so output sets built
-    with an `exclude` are disjoint from it.
+    prompt strings, e.g. an eval set's) are always skipped, so output sets built with an
+    `exclude` are disjoint from it. With `distinct` (the default) no prompt repeats; without it
+    small cells (the direct additions have 810 prompts) may repeat, as a large training set needs.
     """
     families = tuple(FAMILIES if families is None else families)
     unknown = [f for f in families if f not in _MAKERS]
@@ -154,15 +155,16 @@ def generate(n: int, seed: int, families=None, exclude=None) -> list[dict]:
         raise ValueError(f"unknown families {unknown}; valid: {FAMILIES}")
     rng = random.Random(seed)
     cells = [(f, s) for f in families for s in STRATEGIES]
-    seen = set(exclude or ())
+    excluded = set(exclude or ())
+    seen: set[str] = set()
     out: list[dict] = []
     misses = 0
     while len(out) < n:
         family, strategy = cells[len(out) % len(cells)]
         rec = make_record(family, strategy, rng)
-        if rec["prompt"] in seen:
+        if rec["prompt"] in excluded or (distinct and rec["prompt"] in seen):
             misses += 1
-            # The short forms have ~10^4 distinct prompts; a runaway loop means n is too large.
+            # A runaway loop means n is larger than a cell has distinct prompts.
             if misses > 100 * (n + 100):
                 raise RuntimeError(f"could not draw {n} distinct records")
             continue
@@ -210,3 +212,16 @@ def extract_answer(family: str, response_text: str) -> str | None:
 def is_correct(record: dict, response_text: str) -> bool:
     """Whether `response_text` ends on the record's canonical answer."""
     return extract_answer(record["family"], response_text) == record["answer"]
+
+
+def response_strategy(family: str, response_text: str) -> str:
+    """Which strategy a response used: "step_by_step" when it opens with the family's trace
+    header, "direct" when it is a lone answer line, else "other"."""
+    if family not in _MAKERS:
+        raise ValueError(f"unknown family {family!r}; valid: {FAMILIES}")
+    text = response_text.strip()
+    if text.startswith(STEP_HEADERS[family]):
+        return "step_by_step"
+    if "\n" not in text and _ANSWER_RE.match(text):
+        return "direct"
+    return "other"

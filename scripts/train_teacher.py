@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-N_TRAIN, DATA_SEED = 16000, 100  # fresh problems; seeds 0/1 made data/demo train/eval
+N_TRAIN, DATA_SEED = 48000, 100  # fresh problems (repeats allowed: 810 direct additions); seeds 1234/5678 made data/demo
 ASSETS = ROOT / "kd" / "assets" / "teacher"
 SHIP = ("model.safetensors", "config.json", "generation_config.json")  # + the project tokenizer's files
 
@@ -43,7 +43,7 @@ def main() -> None:
     out = Path(args.out)
     data = out / "data" / "train.jsonl"
     evals = [json.loads(line) for line in open("data/demo/eval.jsonl")]
-    recs = tasks.generate(N_TRAIN, DATA_SEED, exclude=[r["prompt"] for r in evals])
+    recs = tasks.generate(N_TRAIN, DATA_SEED, exclude=[r["prompt"] for r in evals], distinct=False)
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
 

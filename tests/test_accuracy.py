@@ -35,6 +35,23 @@ def test_gold_responses_score_100_percent_with_right_bucket_counts():
     assert {k: v["n"] for k, v in res["by_difficulty"].items()} == dict(diffs)
     assert [int(k) for k in res["by_difficulty"]] == sorted(int(k) for k in diffs)  # numeric, not "10" < "2"
     assert all(c["accuracy"] == 1.0 for c in [*res["by_bucket"].values(), *res["by_difficulty"].values()])
+    assert res["strategy_match"] == 1.0 and all(c["strategy_match"] == 1.0 for c in res["by_bucket"].values())
+
+
+def test_strategy_match_is_independent_of_correctness():
+    recs = eval_records(80)
+    swapped = []
+    for r in recs:  # the other strategy's form, right answer: correct but the wrong strategy
+        if r["strategy"] == "direct":
+            swapped.append(f"{tasks.STEP_HEADERS[r['family']]}...\nThe answer is {r['answer']}.")
+        else:
+            swapped.append(f"The answer is {r['answer']}.")
+    res = acc.score(recs, swapped)
+    assert res["accuracy"] == 1.0 and res["strategy_match"] == 0.0
+    wrong_but_chosen = [r["response"].replace(f"is {r['answer']}.", f"is {int(r['answer']) + 1}.") for r in recs]
+    res = acc.score(recs, wrong_but_chosen)
+    assert res["accuracy"] == 0.0 and res["strategy_match"] == 1.0
+    assert all(c["strategy_match"] == 1.0 for c in res["by_bucket"].values())
 
 
 def test_corrupted_responses_are_counted_per_bucket():
@@ -65,7 +82,7 @@ def test_corrupted_responses_are_counted_per_bucket():
 def test_score_handles_missing_optional_fields_and_rejects_length_mismatch():
     recs = [{"prompt": "p", "family": "count", "answer": "3"}]
     res = acc.score(recs, ["The answer is 3."])
-    assert res["by_bucket"] == {"count/-": {"n": 1, "correct": 1, "accuracy": 1.0}}
+    assert res["by_bucket"] == {"count/-": {"n": 1, "correct": 1, "accuracy": 1.0, "strategy_match": 0.0}}
     assert list(res["by_difficulty"]) == ["-"]
     with pytest.raises(ValueError):
         acc.score(recs, [])
@@ -75,7 +92,7 @@ def test_format_table_lists_every_bucket():
     recs = eval_records(12)
     res = dict(acc.score(recs, [r["response"] for r in recs]), model="m", system="generic")
     table = acc.format_table(res)
-    assert "| all | 12 | 12 | 100.0% |" in table
+    assert "| all | 12 | 12 | 100.0% | 100.0% |" in table
     for k in res["by_bucket"]:
         assert f"| {k} |" in table
     assert "forward KL" not in table

@@ -74,7 +74,8 @@ def test_strategy_follows_problem_size(sample):
             a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", r["prompt"]).groups())
             assert int(r["answer"]) == a + b
             if r["strategy"] == "direct":
-                assert a <= tasks.ADD_DIRECT_MAX and b <= tasks.ADD_DIRECT_MAX
+                assert tasks.ADD_DIRECT_A[0] <= a <= tasks.ADD_DIRECT_A[1]
+                assert tasks.ADD_DIRECT_B[0] <= b <= tasks.ADD_DIRECT_B[1]
             else:
                 lo, hi = tasks.ADD_STEP_DIGITS
                 assert lo <= len(str(a)) <= hi and lo <= len(str(b)) <= hi
@@ -86,26 +87,69 @@ def test_strategy_follows_problem_size(sample):
             assert lo <= len(words) <= hi and r["difficulty"] == len(words)
 
 
+def _check_addition_trace(prompt: str, lines: list[str], answer: str) -> None:
+    """Replays an addition trace: each line drops one digit of each number and carries right."""
+    a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", prompt).groups())
+    assert lines[0] == tasks.STEP_HEADERS["addition"]
+    carry, result = 0, ""
+    for line in lines[1:]:
+        m = re.fullmatch(r"(\d+) \+ (\d+) carry (\d): (\d)\+(\d)\+(\d)=(\d+) so far (\d+)", line)
+        la, lb, c, x, y, c2, s, so_far = m.groups()
+        assert (int(la), int(lb), int(c), int(c2)) == (a, b, carry, carry)
+        assert (int(x), int(y), int(s)) == (a % 10, b % 10, a % 10 + b % 10 + carry)
+        result = str(int(s) % 10) + result
+        assert so_far == result
+        a, b, carry = a // 10, b // 10, int(s) // 10
+    assert a == b == carry == 0 and str(int(result)) == answer
+
+
 def test_step_by_step_traces_are_consistent(sample):
     for r in sample:
         if r["strategy"] != "step_by_step":
             assert r["response"] == f"The answer is {r['answer']}."
             continue
         lines = r["response"].split("\n")
+        assert lines[-1] == f"The answer is {r['answer']}."
         if r["family"] == "addition":
-            written, carry = [], 0
-            for line in lines[1:-1]:
-                if line == "final carry 1":
-                    written.append("1")
-                    continue
-                m = re.fullmatch(r"(\d)\+(\d)\+(\d)=(\d+) write (\d) carry (\d)", line)
-                x, y, c, s, w, co = map(int, m.groups())
-                assert c == carry and s == x + y + c and w == s % 10 and co == s // 10
-                written.append(str(w))
-                carry = co
-            assert "".join(reversed(written)).lstrip("0") == r["answer"]
+            _check_addition_trace(r["prompt"], lines[:-1], r["answer"])
         else:
-            assert int(lines[-2].split()[1]) == int(r["answer"])
+            target = re.search(r'word "(\w+)"', r["prompt"]).group(1)
+            words = r["prompt"].split("? ", 1)[1].split(", ")
+            assert lines[0] == f"Count {target}:"
+            running = 0
+            for w, line in zip(words, lines[1:-1], strict=True):
+                running += w == target
+                assert line == f"{w} {'yes' if w == target else 'no'} {running}"
+            assert running == int(r["answer"])
+
+
+def test_addition_trace_edge_cases():
+    # A final carry gets its own line; a shorter number continues as 0.
+    _check_addition_trace("What is 999 + 9999?", tasks.addition_steps(999, 9999).split("\n")[:-1], "10998")
+    assert tasks.addition_steps(999, 9999).split("\n")[-2] == "0 + 0 carry 1: 0+0+1=1 so far 10998"
+    _check_addition_trace("What is 100 + 100?", tasks.addition_steps(100, 100).split("\n")[:-1], "200")
+
+
+def test_generate_with_repeats_still_excludes():
+    ev = tasks.generate(40, seed=2, families=["addition"])
+    excluded = {r["prompt"] for r in ev}
+    many = tasks.generate(4000, seed=3, families=["addition"], exclude=excluded, distinct=False)
+    prompts = [r["prompt"] for r in many]
+    assert not set(prompts) & excluded
+    assert len(set(prompts)) < len(prompts)  # 2000 direct additions from 810 - 40 prompts repeat
+    with pytest.raises(RuntimeError):
+        tasks.generate(4000, seed=3, families=["addition"])  # distinct: only 810 direct additions exist
+
+
+@pytest.mark.parametrize("family", tasks.FAMILIES)
+def test_response_strategy(family, sample):
+    for r in sample:
+        if r["family"] == family:
+            assert tasks.response_strategy(family, r["response"]) == r["strategy"]
+    assert tasks.response_strategy(family, "no idea") == "other"
+    assert tasks.response_strategy(family, "The answer is 3.\nThe answer is 4.") == "other"
+    with pytest.raises(ValueError):
+        tasks.response_strategy("nope", "The answer is 1.")
 
 
 def test_splits_are_disjoint():
@@ -199,7 +243,7 @@ def test_digits_split_one_per_token(tok):
 
 
 def test_response_and_chat_lengths(tok, sample):
-    worst = tasks._addition_steps(9_999_999, 9_999_999)
+    worst = tasks.addition_steps(9_999, 9_999)
     assert len(tok.encode(worst, add_special_tokens=False)) <= MAX_RESPONSE_TOKENS
     for r in sample:
         assert len(tok.encode(r["response"], add_special_tokens=False)) <= MAX_RESPONSE_TOKENS
