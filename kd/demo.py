@@ -9,6 +9,8 @@ string is returned unchanged (a hub id or a local path). Names:
                              directory has no weights, the random init is built instead.
   builtin:tiny-teacher-init  LlamaForCausalLM, hidden 128, 4 layers, untied, vocab padded to x64.
   builtin:tiny-student       LlamaForCausalLM, hidden 64, 2 layers, tied, vocab = len(tokenizer).
+  builtin:small-student      LlamaForCausalLM, hidden 96, 4 layers, tied (about half the teacher):
+                             the second student of the demo experiment.
 
 Random-init models come from a fixed seed and are built once into
 $KD_HOME/builtin/<name> (KD_HOME defaults to ~/.cache/kd), with the tokenizer files beside them.
@@ -54,6 +56,15 @@ _MODELS = {
         tie_word_embeddings=True,
         vocab_multiple=1,
         seed=1002,
+    ),
+    "small-student": dict(
+        hidden_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=288,
+        tie_word_embeddings=True,
+        vocab_multiple=1,
+        seed=1003,
     ),
 }
 

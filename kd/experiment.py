@@ -1,6 +1,6 @@
 """The demo distillation experiment: teacher data -> students (3 variants x seeds) -> held-out accuracy.
 
-    python -m kd.experiment --config configs/experiment/default.yaml [--seeds 3] [--out runs/experiment]
+    python -m kd.experiment --config configs/experiment/default.yaml [--seeds 3] [--out runs/experiment/<config name>]
 
 1. The teacher (builtin:tiny-teacher) answers the training prompts greedily, seeing their strategy
    instructions (kd.generate); its responses, right or wrong, are the distillation set.
@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m kd.experiment", description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/experiment/default.yaml")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (0..n-1); default from config")
-    ap.add_argument("--out", default="runs/experiment")
+    ap.add_argument("--out", default=None, help="work directory (default: runs/experiment/<config name>)")
     ap.add_argument("--report", default=None, help="markdown file to write (default: the config's report)")
     ap.add_argument("--no-report", action="store_true", help="write results.json only")
     ap.add_argument("--max-steps", type=int, default=None, help="miniature runs: override train.max_steps")
@@ -305,7 +305,7 @@ def main(argv=None) -> None:
     quiet()
     command = "python -m kd.experiment " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     s = load_settings(args.config, args)
-    out = Path(args.out)
+    out = Path(args.out or Path("runs/experiment") / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 

@@ -33,6 +33,25 @@ def test_settings_overrides():
     assert set(full["variants"]) == {"ce_erase", "kd_erase", "kd_noerase"}
 
 
+def test_experiment_configs_are_complete_and_distinct():
+    from kd import demo
+
+    configs = sorted((ROOT / "configs/experiment").glob("*.yaml"))
+    assert len(configs) >= 2
+    none = argparse.Namespace(seeds=None, max_steps=None, train_limit=None, eval_limit=None, max_new_tokens=None,
+                              variants=None)
+    reports = set()
+    for path in configs:
+        s = experiment.load_settings(str(path), none)
+        for key in ("train_prompts", "eval_data", "base_config"):
+            assert (ROOT / s[key]).is_file(), (path.name, key)
+        for key in ("teacher", "student"):
+            assert s[key] in demo.builtin_names(), (path.name, key)
+        assert s["seeds"] >= 3 and set(s["variants"]) == {"ce_erase", "kd_erase", "kd_noerase"}
+        reports.add(s["report"])
+    assert len(reports) == len(configs)  # each config writes its own results file
+
+
 def test_miniature_experiment(tmp_path):
     out, report = tmp_path / "exp", tmp_path / "results.md"
     report.write_text("old table\n" + experiment.NOTES + "\nhand-written notes\n")
