@@ -161,7 +161,11 @@ def test_cached_distiller_equals_live_distiller_when_k_is_the_vocabulary(small_d
         for key in ("weighted_sum", "ce_sum", "kd_sum"):
             torch.testing.assert_close(got[key], live[key], rtol=1e-5, atol=1e-5, msg=key)
         for (name, a), b in zip(live_student.named_parameters(), cached_student.parameters()):
-            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+            # fp32 summation order differs (cache: stored logits; live: fresh projection), so the
+            # absolute tolerance scales with the tensor: the trained teacher's peaked logits at
+            # T = 4 give embedding gradients of ~200, where 1e-6 absolute is below fp32 rounding.
+            scale = max(1.0, a.grad.abs().max().item())
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6 * scale, msg=name)
 
 
 def test_a_cache_that_does_not_match_the_run_is_refused(built, small_data):
@@ -183,7 +187,8 @@ def test_a_cache_that_does_not_match_the_run_is_refused(built, small_data):
             r"holds the logits of teacher 'builtin:tiny-teacher', but teacher.name_or_path is 'some/other-teacher'")
     bigger = load_tokenizer(cfg.student.name_or_path)
     bigger.add_tokens(["<extra-token>"])
-    refused(cfg, r"different tokenizer .* than this run's \('builtin:tiny-student', 521 tokens\)", tok=bigger)
+    refused(cfg, rf"different tokenizer .* than this run's \('builtin:tiny-student', {len(tok) + 1} tokens\)",
+            tok=bigger)
     refused(config(small_data, path.parent / "nothing-here"), r"no manifest.json there; build it with")
     # building into a directory that holds another cache is refused too
     with pytest.raises(kc.CacheError, match=r"already holds a cache built with other settings \(k: 16 -> 32"):
