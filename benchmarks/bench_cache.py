@@ -35,9 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from kd import cache as kc  # noqa: E402
+from kd.cache.build import build_cache  # noqa: E402
+from kd.cache.store import TeacherCache  # noqa: E402
+from kd.cache.teacher import CachedDistiller  # noqa: E402
+from kd.loss.topk import teacher_topk, topk_kd_loss  # noqa: E402
 from kd.config import load_config  # noqa: E402
-from kd.losses import kd_loss  # noqa: E402
+from kd.loss import LossSpec, kd_loss  # noqa: E402
 
 
 def demo_config(tmp: Path, examples: int, cache: Path, **extra):
@@ -59,7 +62,7 @@ def part_bytes(tmp: Path, examples: int, ks=(16, 64, 256)) -> None:
     print("|---:|---:|---:|---:|---:|")
     for k in ks:
         path = tmp / f"cache_k{k}"
-        m = kc.build_cache(demo_config(tmp, examples, path), k=k, log=lambda *a: None)
+        m = build_cache(demo_config(tmp, examples, path), k=k, log=lambda *a: None)
         tokens = sum(s["tokens"] for s in m["splits"].values())
         nbytes = sum(p.stat().st_size for p in path.glob("*.safetensors"))
         print(f"| {k} | {nbytes / tokens:.1f} | {6 * k + 16} | {6 * k + 16} | {8 * k + 16} |")
@@ -75,9 +78,9 @@ TEMPS = (1.0, 2.0, 4.0, 8.0)  # build_cache's default tail temperatures
 def _errors(student: torch.Tensor, teacher: torch.Tensor, labels, v: int, k: int, t: float, div: str):
     """Relative loss and gradient errors of three tail treatments against the live loss."""
     s_live = student.clone().requires_grad_()
-    live = kd_loss(s_live, teacher, labels, vocab_size=v, alpha=0.0, temperature=t, divergence=div)
+    live = kd_loss(s_live, teacher, labels, LossSpec(vocab_size=v, alpha=0.0, temperature=t, divergence=div))
     live.weighted_sum.backward()
-    top = kc.teacher_topk(teacher, k, v, TEMPS)
+    top = teacher_topk(teacher, k, v, TEMPS)
     z = teacher[:, :v].float()
     true_tail = (z / t).scatter(-1, top.ids, float("-inf")).logsumexp(-1)
     variants = {"cache": (top.tail_lse, TEMPS),  # as shipped: exact at 1, 2, 4, 8, chord between
@@ -86,8 +89,7 @@ def _errors(student: torch.Tensor, teacher: torch.Tensor, labels, v: int, k: int
     out = {}
     for name, (tail, temps) in variants.items():
         s = student.clone().requires_grad_()
-        got = kc.topk_kd_loss(s, top.ids, top.logits, tail, labels, vocab_size=v, alpha=0.0, temperature=t,
-                              divergence=div, tail_temperatures=temps)
+        got = topk_kd_loss(s, top.ids, top.logits, tail, labels, LossSpec(vocab_size=v, alpha=0.0, temperature=t, divergence=div), tail_temperatures=temps)
         got.weighted_sum.backward()
         rel = (got.kd_sum - live.kd_sum).abs().item() / live.kd_sum.abs().item()
         g = (s.grad - s_live.grad).norm().item() / s_live.grad.norm().item()
@@ -149,7 +151,6 @@ def part_error(tmp: Path, ks=(16, 64, 256)) -> None:
 
 
 def part_time(tmp: Path, examples: int, steps: int, k: int = 64) -> None:
-    from kd.config import LossConfig
     from kd.data import MicroBatchSampler, build_datasets, collate
     from kd.forward import Distiller, head, teacher_forward
     from kd.models import load_student, load_teacher, load_tokenizers
@@ -157,20 +158,20 @@ def part_time(tmp: Path, examples: int, steps: int, k: int = 64) -> None:
 
     cfg = demo_config(tmp, examples, tmp / f"time_k{k}")
     t0 = time.perf_counter()
-    kc.build_cache(cfg, k=k, log=lambda *a: None)
+    build_cache(cfg, k=k, log=lambda *a: None)
     build_s = time.perf_counter() - t0
     tok = load_tokenizers(cfg)
     v = len(tok)
     train, *_ = build_datasets(cfg.data, tok, cfg.train.seed)
-    cache = kc.TeacherCache.open(cfg, tok, train, None)
+    cache = TeacherCache.open(cfg, tok, train, None)
     teacher = load_teacher(cfg, v, "cpu")
     mb = cfg.train.micro_batch_size
     sampler = MicroBatchSampler(len(train), mb, seed=cfg.train.seed)
     batches = [collate([train[i] for i in sampler.indices(j)], tok.pad_token_id) for j in range(steps + 1)]
-    loss = LossConfig(alpha=cfg.loss.alpha, temperature=cfg.loss.temperature, divergence=cfg.loss.divergence)
+    spec = LossSpec(v, alpha=cfg.loss.alpha, temperature=cfg.loss.temperature, divergence=cfg.loss.divergence)
     student = load_student(cfg, v, "cpu")
-    live = Distiller(copy.deepcopy(student), loss, v)
-    cached = kc.CachedDistiller(copy.deepcopy(student), loss, v)
+    live = Distiller(copy.deepcopy(student), spec)
+    cached = CachedDistiller(copy.deepcopy(student), spec)
     opts = {name: make_optimizer(m, cfg)[0] for name, m in (("live", live), ("cache", cached))}
 
     def step(name: str, batch: dict) -> float:

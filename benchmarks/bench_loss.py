@@ -6,7 +6,7 @@
 Shapes default to a LLaMA-2-7B student (hidden 4096) and a 70B teacher (hidden 8192), vocab
 32000. Both paths do the same work: project the student hidden states (with autograd) and the
 teacher's (without), take CE + divergence, and backpropagate into the student hidden states and
-lm_head weight. "dense" = full logits + `kd.losses.kd_loss`; "chunked" = `kd.chunked.chunked_kd_loss`.
+lm_head weight. "dense" = full logits + `kd.loss.dense.kd_loss`; "chunked" = `kd.loss.chunked.chunked_kd_loss`.
 
 Memory: every (N, method) runs alone in a fresh child process (this script with --child
 memory). It allocates the inputs (hidden states, both lm_head weights, labels) and the student
@@ -57,8 +57,8 @@ def run_child(args: argparse.Namespace) -> dict:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from kd.chunked import chunked_kd_loss
-    from kd.losses import kd_loss
+    from kd.loss.chunked import chunked_kd_loss
+    from kd.loss import LossSpec, kd_loss
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,11 +84,9 @@ def run_child(args: argparse.Namespace) -> dict:
             s_logits = s_hidden @ s_weight.t()
             with torch.no_grad():
                 t_logits = t_hidden @ t_weight.t()
-            out = kd_loss(s_logits, t_logits, labels, **loss_kw)
+            out = kd_loss(s_logits, t_logits, labels, LossSpec(**loss_kw))
         else:
-            out = chunked_kd_loss(
-                s_hidden, s_weight, t_hidden, t_weight, labels, chunk_size=args.chunk_size, **loss_kw
-            )
+            out = chunked_kd_loss(s_hidden, s_weight, t_hidden, t_weight, labels, LossSpec(chunk_size=args.chunk_size, **loss_kw))
         (out.weighted_sum / n).backward()
         return out.weighted_sum.item() / n
 

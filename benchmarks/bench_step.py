@@ -24,11 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.config import LossConfig  # noqa: E402
 from kd.data import collate, render_views  # noqa: E402
 from kd.forward import Distiller, head, teacher_forward  # noqa: E402
+from kd.loss import LossSpec  # noqa: E402
 from kd.models import load_model, load_tokenizer  # noqa: E402
-from kd.train import quiet_libraries  # noqa: E402
+from kd.cli import quiet_libraries  # noqa: E402
 
 
 def batch_of(tok, n: int) -> dict:
@@ -59,7 +59,7 @@ def main() -> None:
     teacher = load_model("builtin:tiny-teacher", torch.float32, None, "teacher").eval().requires_grad_(False)
     student = load_model("builtin:tiny-student", torch.float32, None, "student").train()
     b = batch_of(tok, args.micro_batch)
-    distiller = Distiller(student, LossConfig(alpha=0.5, temperature=2.0, implementation=args.implementation), len(tok))
+    distiller = Distiller(student, LossSpec(len(tok), alpha=0.5, temperature=2.0, implementation=args.implementation))
     opt = torch.optim.AdamW(student.parameters(), lr=1e-5)
     # HF SFT labels: -100 everywhere except response tokens (the same tokens KD trains on)
     sft_labels = torch.full_like(b["student_input_ids"], -100).flatten()

@@ -76,7 +76,7 @@ def main() -> None:
     if args.smoke:
         args.steps, args.micro_batch, args.seq = 3, 2, 256
 
-    from kd.tasks import generate
+    from kd.demo.tasks import generate
 
     work = Path(tempfile.mkdtemp(prefix="kd-gpu-bench-"))
     params = build_models(work, tokenizer_dir(work / "tok", args.tokenizer_model), args.smoke)
@@ -102,7 +102,7 @@ def main() -> None:
     peak = max(r["sys/peak_mem_gib"] for r in rows)
 
     from kd.config import load_config
-    from kd.plan import GiB, plan
+    from kd.tools.plan import GiB, plan
 
     cfg = load_config(ROOT / "configs/demo.yaml", overrides)
     planned = sum(b for _, b in plan(cfg, gpus=1, student_zero=3, gpu=not args.smoke)) / GiB

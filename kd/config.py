@@ -18,13 +18,13 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kd.errors import ConfigError
-from kd.losses import DIVERGENCES
+from kd.loss.spec import DIVERGENCES
 
 
 @dataclass
 class TeacherConfig:
     name_or_path: str = MISSING
-    """Hub id, local directory, or `builtin:<name>` (tiny models built locally, see kd/demo.py)."""
+    """Hub id, local directory, or `builtin:<name>` (tiny models built locally, see kd/demo/builtin.py)."""
     dtype: str = "auto"
     """Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."""
     attn_implementation: Optional[str] = None
@@ -37,7 +37,7 @@ class TeacherConfig:
     cache: Optional[str] = None
     """Directory of a teacher-logit cache (`python -m kd.cache` writes it there): training then
     loads no teacher and distils from the cached top-k logits plus one tail bucket; a cache that
-    does not match the data, tokenizer or length limits is refused. See kd/cache.py."""
+    does not match the data, tokenizer or length limits is refused. See kd/cache/."""
 
     def __post_init__(self):
         _choice("teacher.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))

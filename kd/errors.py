@@ -1,8 +1,5 @@
-"""User-facing errors: caught at the entry points and printed as one line, no traceback."""
-
-import contextlib
-import os
-import sys
+"""User-facing errors: raised anywhere, caught at the entry points (kd.cli.one_line_errors) and
+printed as one line, no traceback."""
 
 
 class KDError(Exception):
@@ -19,15 +16,3 @@ class DataError(KDError):
 
 class ModelError(KDError):
     pass
-
-
-@contextlib.contextmanager
-def one_line_errors():
-    """Entry points: a KDError becomes `kd: error: ...` on stderr (once, from rank 0: every rank
-    fails the same way) and exit status 2."""
-    try:
-        yield
-    except KDError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from kd.config import LossConfig
 from kd.distributed import gathered
-from kd.losses import kd_loss, mix, token_losses
+from kd.loss.chunked import chunked_kd_loss
+from kd.loss.dense import kd_loss, token_losses
+from kd.loss.spec import LossSpec
 
 
 def response_hidden(model, input_ids, attention_mask, index) -> torch.Tensor:
@@ -47,12 +48,11 @@ class Distiller(nn.Module):
     caller divides `weighted_sum` by the global response-token count before backward.
     """
 
-    def __init__(self, student, loss: LossConfig, vocab_size: int):
+    def __init__(self, student, spec: LossSpec):
         super().__init__()
         self.student = student
         self.config = student.config  # DeepSpeed sizes its "auto" buckets from config.hidden_size
-        self.loss_cfg = loss
-        self.vocab_size = vocab_size
+        self.spec = spec
 
     def register_zero3_head(self) -> None:
         """Under ZeRO-3 (call after the engine partitioned the student): the loss uses lm_head.weight
@@ -64,41 +64,35 @@ class Distiller(nn.Module):
             deepspeed.zero.register_external_parameter(self, weight)
 
     def forward(self, batch: dict, teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None):
-        c = self.loss_cfg
+        spec = self.spec
         h = response_hidden(self.student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
-        use_teacher = teacher_hidden is not None and c.alpha < 1.0
-        kw = dict(vocab_size=self.vocab_size, alpha=c.alpha, temperature=c.temperature, divergence=c.divergence,
-                  beta=c.beta, skew=c.skew)
+        use_teacher = teacher_hidden is not None and spec.needs_teacher
         s_head = head(self.student)
-        if c.implementation == "chunked":
-            from kd.chunked import chunked_kd_loss
-
+        if spec.implementation == "chunked":
             with torch.autocast(h.device.type, enabled=False):
                 parts = chunked_kd_loss(
                     h, s_head.weight, teacher_hidden if use_teacher else None,
-                    teacher_head.weight if use_teacher else None, batch["labels"],
+                    teacher_head.weight if use_teacher else None, batch["labels"], spec,
                     student_bias=s_head.bias, teacher_bias=teacher_head.bias if use_teacher else None,
-                    chunk_size=c.chunk_size, **kw,
                 )
         else:
             t_logits = fp32_logits(teacher_hidden, teacher_head) if use_teacher else None
-            parts = kd_loss(fp32_logits(h, s_head), t_logits, batch["labels"], **kw)
+            parts = kd_loss(fp32_logits(h, s_head), t_logits, batch["labels"], spec)
         return dict(weighted_sum=parts.weighted_sum, ce_sum=parts.ce_sum, kd_sum=parts.kd_sum)
 
 
 @torch.no_grad()
-def eval_sums(student, teacher, batch: dict, loss: LossConfig, vocab_size: int) -> dict[str, torch.Tensor]:
+def eval_sums(student, teacher, batch: dict, spec: LossSpec) -> dict[str, torch.Tensor]:
     """Token sums for evaluation: student CE, divergence to the teacher (whatever alpha is),
     the configured total, and top-1 teacher-student agreement."""
     hs = response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
     ht = teacher_forward(teacher, batch)
     # after both forwards: under ZeRO-3 a tied lm_head is released again when the embedding runs
     with gathered(head(student).weight, head(teacher).weight):
-        s_logits = fp32_logits(hs, head(student))[:, :vocab_size]
-        t_logits = fp32_logits(ht, head(teacher))[:, :vocab_size]
-    ce, kd = token_losses(s_logits, t_logits, batch["labels"], vocab_size=vocab_size, temperature=loss.temperature,
-                          divergence=loss.divergence, beta=loss.beta, skew=loss.skew)
+        s_logits = fp32_logits(hs, head(student))[:, :spec.vocab_size]
+        t_logits = fp32_logits(ht, head(teacher))[:, :spec.vocab_size]
+    ce, kd = token_losses(s_logits, t_logits, batch["labels"], spec)
     ce, kd = ce.sum(), kd.sum()
     agree = (s_logits.argmax(-1) == t_logits.argmax(-1)).sum().float()
     tokens = torch.tensor(float(batch["labels"].numel()), device=hs.device)
-    return dict(ce=ce, kd=kd, loss=mix(ce, kd, loss.alpha, loss.temperature), top1_agreement=agree, tokens=tokens)
+    return dict(ce=ce, kd=kd, loss=spec.mix(ce, kd), top1_agreement=agree, tokens=tokens)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+from importlib.metadata import entry_points
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kd import demo, templates
+from kd import templates
 from kd.config import Config
 from kd.errors import ModelError
+
+# `<scheme>:<name>` model names are resolved by plugins registered under this entry-point group
+# (pyproject.toml): the demo's `builtin:` models are one, so the library never imports the demo.
+MODEL_SOURCES = "kd.model_sources"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,8 +25,29 @@ def resolve_dtype(name: str, device_type: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+@functools.cache
+def _sources() -> dict:
+    return {ep.name: ep for ep in entry_points(group=MODEL_SOURCES)}
+
+
+def resolve(name_or_path: str) -> str:
+    """A local directory for a `<scheme>:<name>` a plugin provides (e.g. `builtin:tiny-student`,
+    built on first use); any other string unchanged (a hub id or a local path)."""
+    scheme, sep, name = name_or_path.partition(":") if isinstance(name_or_path, str) else ("", "", "")
+    source = _sources().get(scheme) if sep else None
+    if source is None:
+        if scheme == "builtin":
+            raise ModelError(f"{name_or_path!r}: builtin models come with the kd package's entry points; "
+                             f"install it (pip install -e .)")
+        return name_or_path
+    try:
+        return source.load()(name)
+    except ValueError as e:  # an unknown name: the plugin's message lists the valid ones
+        raise ModelError(str(e)) from None
+
+
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):
-    path = demo.resolve(name_or_path)
+    path = resolve(name_or_path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -46,7 +74,7 @@ def check_same_tokenizer(student_tok, teacher_tok, student_name: str, teacher_na
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str | None, role: str):
-    path = demo.resolve(name_or_path)
+    path = resolve(name_or_path)
     kwargs = dict(dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -82,7 +110,7 @@ def teacher_hidden_size(cfg: Config) -> int:
     """From the config file alone (sizes the teacher's DeepSpeed buckets before loading it)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(demo.resolve(cfg.teacher.name_or_path)).hidden_size
+    return AutoConfig.from_pretrained(resolve(cfg.teacher.name_or_path)).hidden_size
 
 
 def load_teacher(cfg: Config, vocab_size: int, device_type: str):

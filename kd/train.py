@@ -12,23 +12,22 @@ from pathlib import Path
 if __name__ == "__main__" and not __package__:  # run as a file: make `kd` importable, not kd/*.py
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import argparse
 import functools
 import math
 import time
-import warnings
 
 import torch
 from accelerate.utils import set_seed
 
 from kd import checkpoint
-from kd.cache import CachedDistiller, TeacherCache, cached_eval_sums
+from kd.cache.store import TeacherCache
+from kd.cache.teacher import CachedDistiller, cached_eval_sums
 from kd.config import Config, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
 from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, make_accelerator, memory_gib,
                             shard_teacher, teacher_zero3_config, zero3_loading)
-from kd.errors import one_line_errors
 from kd.forward import Distiller, eval_sums, head, teacher_forward
+from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
 from kd.preempt import StopRequest
 from kd.tracking import Tracker
@@ -78,19 +77,7 @@ def evaluate(accelerator, student, teacher_sums, dataset, cfg: Config, pad_id: i
     return row
 
 
-def quiet_libraries() -> None:
-    """Per-file progress bars from datasets/transformers drown the training bar."""
-    import datasets
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DeepSpeed's deprecated collectives
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
 def train(cfg: Config) -> dict:
-    quiet_libraries()
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     out = Path(cfg.train.output_dir)
@@ -116,7 +103,8 @@ def train(cfg: Config) -> dict:
         tracker.print(eval_stats.summary("eval data"))
 
     cache = TeacherCache.open(cfg, tokenizer, train_set, eval_set) if cfg.teacher.cache else None
-    distiller = CachedDistiller(student, cfg.loss, vocab) if cache else Distiller(student, cfg.loss, vocab)
+    spec = LossSpec.from_config(cfg.loss, vocab)  # one set of loss options for training and eval
+    distiller = CachedDistiller(student, spec) if cache else Distiller(student, spec)
     optimizer, scheduler = make_optimizer(distiller, cfg)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     accelerator.unwrap_model(distiller).register_zero3_head()
@@ -126,7 +114,7 @@ def train(cfg: Config) -> dict:
         tracker.print(cache.describe())
         teacher_head = None
         teacher_outputs = functools.partial(cache.lookup, split="train")
-        teacher_sums = functools.partial(cached_eval_sums, cache=cache, loss=cfg.loss, vocab_size=vocab)
+        teacher_sums = functools.partial(cached_eval_sums, cache=cache, spec=spec)
     else:
         teacher, teacher_engine = shard_teacher(teacher, teacher_ds, accelerator.device)  # keep the engine alive
         held, full = local_numel(teacher)
@@ -134,9 +122,9 @@ def train(cfg: Config) -> dict:
                       f"{held:,} of {full:,} parameters ({held / full:.1%})")
         teacher_head = head(teacher)
         teacher_outputs = functools.partial(teacher_forward, teacher)
-        teacher_sums = functools.partial(eval_sums, teacher=teacher, loss=cfg.loss, vocab_size=vocab)
+        teacher_sums = functools.partial(eval_sums, teacher=teacher, spec=spec)
     student = accelerator.unwrap_model(distiller).student
-    use_teacher = cfg.loss.alpha < 1.0  # CE-only training never runs the teacher forward
+    use_teacher = spec.needs_teacher  # CE-only training never runs the teacher forward
 
     world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
     sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
@@ -213,26 +201,12 @@ def train(cfg: Config) -> dict:
     return {"step": step}
 
 
-def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
-    ap = argparse.ArgumentParser(prog="kd.train", description=__doc__.split("\n")[0],
-                                 epilog="Overrides: key=value or --key=value, e.g. loss.temperature=2.0")
-    ap.add_argument("--config", help="YAML file with config values (see kd/config.py)")
-    args, rest = ap.parse_known_args(argv)
-    overrides, i = [], 0
-    while i < len(rest):  # accept `--key value` too
-        a = rest[i]
-        if a.startswith("--") and "=" not in a and i + 1 < len(rest) and not rest[i + 1].startswith("--"):
-            overrides.append(f"{a}={rest[i + 1]}")
-            i += 2
-        else:
-            overrides.append(a)
-            i += 1
-    return args.config, overrides
-
-
 def main(argv: list[str] | None = None) -> None:
+    from kd.cli import one_line_errors, parse_args, quiet_libraries
+
     with one_line_errors():
-        path, overrides = parse_args(argv)
+        path, overrides = parse_args(argv, "kd.train", __doc__.split("\n")[0])
+        quiet_libraries()
         train(load_config(path, overrides))
 
 

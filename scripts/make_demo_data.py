@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.tasks import make_splits  # noqa: E402
+from kd.demo.tasks import make_splits  # noqa: E402
 
 N_TRAIN, N_EVAL = 2000, 200
 TRAIN_SEED, EVAL_SEED = 1234, 5678

@@ -1,12 +1,12 @@
-"""Train the shipped demo teacher (kd/assets/teacher) and report its accuracy.
+"""Train the shipped demo teacher (kd/demo/assets/teacher) and report its accuracy.
 
     python scripts/train_teacher.py [--out runs/teacher] [--no-ship] [--threads 2] [key=value ...]
 
 1. Writes fresh strategy-task records (kd.tasks, fixed seed, no prompt of data/demo/eval.jsonl)
    to <out>/data/train.jsonl: the teacher is trained on gold responses *with* the instructions.
 2. Runs `python -m kd.train --config configs/teacher.yaml` (alpha=1: plain SFT; erase off) on
-   builtin:tiny-teacher-init, a seeded random init (kd/demo.py).
-3. Copies the exported student/ (safetensors, config, tokenizer files) to kd/assets/teacher/.
+   builtin:tiny-teacher-init, a seeded random init (kd/demo/builtin.py).
+3. Copies the exported student/ (safetensors, config, tokenizer files) to kd/demo/assets/teacher/.
 4. Evaluates it on data/demo/eval.jsonl (greedy, exact match) with --system strategy and generic.
 Extra key=value arguments are passed to kd.train as config overrides.
 
@@ -30,20 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 N_TRAIN, DATA_SEED = 48000, 100  # fresh problems (repeats allowed: 810 direct additions); seeds 1234/5678 made data/demo
-ASSETS = ROOT / "kd" / "assets" / "teacher"
+ASSETS = ROOT / "kd" / "demo" / "assets" / "teacher"
 SHIP = ("model.safetensors", "config.json", "generation_config.json")  # + the project tokenizer's files
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/teacher")
-    ap.add_argument("--no-ship", action="store_true", help="do not copy the result to kd/assets/teacher")
+    ap.add_argument("--no-ship", action="store_true", help="do not copy the result to kd/demo/assets/teacher")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--skip-train", action="store_true", help="ship and evaluate <out>/student as it is")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training (the shipped weights: 2)")
     args, overrides = ap.parse_known_args()
     os.chdir(ROOT)
-    from kd import tasks
+    from kd.demo import tasks
 
     out = Path(args.out)
     data = out / "data" / "train.jsonl"
@@ -65,21 +65,22 @@ def main() -> None:
         ASSETS.mkdir(parents=True, exist_ok=True)
         for f in ASSETS.iterdir():
             f.unlink()
-        from kd.demo import TOKENIZER_DIR
+        from kd.demo.builtin import TOKENIZER_DIR
 
         for name in SHIP:
             shutil.copyfile(model_dir / name, ASSETS / name)
-        for f in TOKENIZER_DIR.iterdir():  # byte-identical to kd/assets/tokenizer
+        for f in TOKENIZER_DIR.iterdir():  # byte-identical to kd/demo/assets/tokenizer
             shutil.copyfile(f, ASSETS / f.name)
         model_dir = ASSETS
         print(f"shipped to {ASSETS}")
 
     import torch
 
-    from kd.accuracy import evaluate_accuracy, format_table
-    from kd.generate import load_for_generation, quiet
+    from kd.demo.accuracy import evaluate_accuracy, format_table
+    from kd.cli import quiet_libraries
+    from kd.tools.generate import load_for_generation
 
-    quiet()
+    quiet_libraries()
     tok, model = load_for_generation(str(model_dir), "float32", torch.device("cpu"))
     n = sum(p.numel() for p in model.parameters())
     results = {"model": str(model_dir), "parameters": n}

@@ -8,7 +8,7 @@ import pytest
 
 from kd.config import all_keys, load_config, to_yaml
 from kd.errors import ConfigError
-from kd.train import parse_args
+from kd.cli import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"

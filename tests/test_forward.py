@@ -6,11 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from kd import demo
-from kd.config import LossConfig
+from kd.demo import builtin
 from kd.data import collate, render_views
 from kd.forward import Distiller, eval_sums, fp32_logits, head, response_hidden, teacher_forward
-from kd.losses import kd_loss
+from kd.loss import LossSpec, kd_loss
 from kd.models import load_tokenizer
 
 RECS = [
@@ -22,8 +21,8 @@ RECS = [
 @pytest.fixture(scope="module")
 def setup():
     tok = load_tokenizer("builtin:tokenizer")
-    teacher = AutoModelForCausalLM.from_pretrained(demo.resolve("builtin:tiny-teacher")).eval()
-    student = AutoModelForCausalLM.from_pretrained(demo.resolve("builtin:tiny-student"))
+    teacher = AutoModelForCausalLM.from_pretrained(builtin.resolve("builtin:tiny-teacher")).eval()
+    student = AutoModelForCausalLM.from_pretrained(builtin.resolve("builtin:tiny-student"))
     exs = []
     for r in RECS:
         t, s, resp = render_views(r, tok, erase=True, generic_system=None)
@@ -43,14 +42,13 @@ def test_response_rows_match_the_full_forward(setup):
 
 def test_distiller_equals_reference_loss_and_stays_fp32_under_bf16_autocast(setup):
     tok, teacher, student, b = setup
-    cfg = LossConfig(alpha=0.3, temperature=2.0)
-    d = Distiller(student, cfg, len(tok))
+    spec = LossSpec(len(tok), alpha=0.3, temperature=2.0)
+    d = Distiller(student, spec)
     th = teacher_forward(teacher, b)
     parts = d(b, th, head(teacher))
     s_logits = student(input_ids=b["student_input_ids"], attention_mask=b["student_attention_mask"]).logits
     t_logits = teacher(input_ids=b["teacher_input_ids"], attention_mask=b["teacher_attention_mask"]).logits
-    ref = kd_loss(s_logits.flatten(0, 1)[b["student_index"]], t_logits.flatten(0, 1)[b["teacher_index"]],
-                  b["labels"], vocab_size=len(tok), alpha=0.3, temperature=2.0)
+    ref = kd_loss(s_logits.flatten(0, 1)[b["student_index"]], t_logits.flatten(0, 1)[b["teacher_index"]], b["labels"], LossSpec(vocab_size=len(tok), alpha=0.3, temperature=2.0))
     torch.testing.assert_close(parts["weighted_sum"], ref.weighted_sum, rtol=1e-5, atol=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         p16 = d(b, teacher_forward(teacher, b), head(teacher))
@@ -66,5 +64,5 @@ def test_eval_sums_counts_agreement(setup):
         exs.append({"teacher_ids": t + resp, "student_ids": s + resp, "teacher_start": len(t),
                     "student_start": len(s), "n_response": len(resp)})
     b = collate(exs, tok.pad_token_id)
-    sums = eval_sums(teacher, teacher, b, LossConfig(), len(tok))
+    sums = eval_sums(teacher, teacher, b, LossSpec(len(tok)))
     assert sums["kd"].abs() < 1e-5 and sums["top1_agreement"] == sums["tokens"] == b["labels"].numel()

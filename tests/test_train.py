@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import PY, ROOT, run_cli, tiny_overrides
+from kd.models import resolve
 
 DEMO = "configs/demo.yaml"
 
@@ -145,10 +146,10 @@ def test_bad_data_fails_in_one_line(small_data, tmp_path):
 
 def test_mismatched_tokenizers_are_refused(small_data, tmp_path):
     other = tmp_path / "other_tok"
-    tok = AutoTokenizer.from_pretrained(ROOT / "kd" / "assets" / "tokenizer")
+    tok = AutoTokenizer.from_pretrained(ROOT / "kd" / "demo" / "assets" / "tokenizer")
     tok.add_tokens(["<extra_token>"])
     tok.save_pretrained(other)
-    model = AutoModelForCausalLM.from_pretrained(__import__("kd.demo").demo.resolve("builtin:tiny-teacher"))
+    model = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-teacher"))
     model.save_pretrained(other)
     res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run"), f"teacher.name_or_path={other}"],
                   check=False)

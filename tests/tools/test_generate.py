@@ -8,9 +8,9 @@ import subprocess
 import pytest
 
 from conftest import ACCELERATE, PY, ROOT, free_port
-from kd import generate as gen
+from kd.tools import generate as gen
 from kd.errors import DataError
-from kd.tasks import GENERIC_SYSTEM
+from kd.demo.tasks import GENERIC_SYSTEM
 
 EVAL = ROOT / "data/demo/eval.jsonl"
 

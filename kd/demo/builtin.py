@@ -3,8 +3,8 @@
 `resolve("builtin:<name>")` returns a local directory that `from_pretrained` can load; any other
 string is returned unchanged (a hub id or a local path). Names:
 
-  builtin:tokenizer          the shipped project tokenizer (kd/assets/tokenizer), not copied.
-  builtin:tiny-teacher       the shipped *trained* demo teacher (kd/assets/teacher, not copied),
+  builtin:tokenizer          the shipped project tokenizer (kd/demo/assets/tokenizer), not copied.
+  builtin:tiny-teacher       the shipped *trained* demo teacher (kd/demo/assets/teacher, not copied),
                              made by scripts/train_teacher.py from tiny-teacher-init; if that
                              directory has no weights, the random init is built instead.
   builtin:tiny-teacher-init  LlamaForCausalLM, hidden 128, 4 layers, untied, vocab padded to x64.
@@ -27,8 +27,9 @@ import tempfile
 from pathlib import Path
 
 SCHEME = "builtin:"
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
-TEACHER_DIR = Path(__file__).resolve().parent / "assets" / "teacher"
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+TEACHER_DIR = ASSETS / "teacher"
 _MARKER = "kd_builtin.json"
 # Bump when the build recipe changes so stale caches are rebuilt.
 _RECIPE_VERSION = 2  # 2: tiny-teacher is the shipped trained model; its init is tiny-teacher-init
@@ -46,7 +47,7 @@ _INIT = {
 }
 _MODELS = {
     **_INIT,
-    # Fallback when kd/assets/teacher is absent: the untrained init under the teacher's name.
+    # Fallback when kd/demo/assets/teacher is absent: the untrained init under the teacher's name.
     "tiny-teacher": _INIT["tiny-teacher-init"],
     "tiny-student": dict(
         hidden_size=64,
@@ -75,13 +76,19 @@ def builtin_names() -> tuple[str, ...]:
 
 
 def shipped_teacher() -> Path | None:
-    """kd/assets/teacher when it holds trained weights, else None."""
+    """kd/demo/assets/teacher when it holds trained weights, else None."""
     return TEACHER_DIR if (TEACHER_DIR / "model.safetensors").is_file() else None
 
 
 def kd_home() -> Path:
     """Cache root: $KD_HOME, else ~/.cache/kd."""
     return Path(os.environ.get("KD_HOME") or Path.home() / ".cache" / "kd").expanduser()
+
+
+def resolve_name(name: str) -> str:
+    """The `builtin:` model source (kd.models.resolve finds it through the package's entry
+    points): local directory for `builtin:<name>`, building it if needed."""
+    return resolve(SCHEME + name)
 
 
 def resolve(name_or_path: str) -> str:

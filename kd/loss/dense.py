@@ -1,4 +1,4 @@
-"""Distillation losses as pure tensor functions.
+"""Distillation losses on full logits: the dense reference path, pure tensor functions.
 
 Convention (also in README and `LossConfig`):
 
@@ -12,6 +12,10 @@ All math runs in fp32 whatever the input dtype. Shapes: N = response tokens, V =
 Logits whose last dim is larger than `vocab_size` (embedding matrices padded to a multiple of 64,
 or a teacher with 32001 rows against a student with 32000) are cut to the tokenizer's real
 vocabulary first, so both distributions live on the same support.
+
+One contract for every loss here, in kd.loss.chunked and in kd.loss.topk: a position whose label
+is IGNORE_INDEX (-100) adds nothing to the CE, nothing to the divergence and is not counted in
+`LossParts.n_tokens`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+from kd.loss.spec import DIVERGENCES, IGNORE_INDEX, LossSpec
 
 
 @dataclass
@@ -31,26 +35,29 @@ class LossParts:
 
     `weighted_sum` = alpha * ce_sum + (1 - alpha) * T^2 * kd_sum carries the autograd graph;
     `ce_sum` and `kd_sum` are detached copies for logging. Divide `weighted_sum` by the global
-    response-token count of the optimizer step (see `total`).
+    response-token count of the optimizer step (see `total`). `n_tokens` counts the labels that
+    are not IGNORE_INDEX (a 0-dim tensor: reading it is the caller's choice of host sync).
     """
 
     weighted_sum: torch.Tensor
     ce_sum: torch.Tensor
     kd_sum: torch.Tensor
-    n_tokens: int
+    n_tokens: torch.Tensor
 
     def total(self, normaliser: float | torch.Tensor) -> torch.Tensor:
         return self.weighted_sum / normaliser
 
 
-def mix(ce_sum: torch.Tensor, kd_sum: torch.Tensor, alpha: float, temperature: float) -> torch.Tensor:
-    """The loss convention in one place: alpha * CE + (1 - alpha) * T^2 * D."""
-    return alpha * ce_sum + (1.0 - alpha) * temperature**2 * kd_sum
-
-
 # Floor for log-probabilities: a masked (-inf) logit would otherwise give 0 * inf = NaN in the
 # forward pass or the backward pass; -1e30 keeps every product finite in fp32.
 _LOG_FLOOR = -1e30
+# Reverse KL puts the teacher's log-probability in the denominator: a teacher column at -inf
+# (a token the teacher forbids) makes KL(p_s || p_t) infinite wherever the student gives it mass,
+# and the -1e30 floor would turn that into ~1e29. Instead a teacher probability below fp32's
+# smallest normal number (2**-126, so log p_t >= -87.34) counts as that number: a forbidden
+# token costs q * (log q + 87.34) nats, finite and still pushing its student mass to 0. Only the
+# teacher side is floored (it has no gradient); above the floor nothing changes.
+TEACHER_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
 
 
 def _kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -79,7 +86,7 @@ def divergence_from_logprobs(
     """Per-token divergence D(teacher || student) from fp32 log-probabilities [N, V] -> [N].
 
     forward_kl       KL(p_t || p_s), the true KL (teacher entropy included, so 0 iff equal).
-    reverse_kl       KL(p_s || p_t).
+    reverse_kl       KL(p_s || p_t), the teacher's log-probability floored at TEACHER_LOG_FLOOR.
     jsd              generalised JSD(beta) = beta*KL(p_t||m) + (1-beta)*KL(p_s||m),
                      m = beta*p_t + (1-beta)*p_s. As in GKD, the endpoints are the plain KLs:
                      beta = 0 -> forward KL, beta = 1 -> reverse KL (JSD(beta)/beta tends to the
@@ -91,12 +98,12 @@ def divergence_from_logprobs(
     if kind == "forward_kl":
         return _kl_from_logprobs(t_logp, s_logp)
     if kind == "reverse_kl":
-        return _kl_from_logprobs(s_logp, t_logp)
+        return _kl_from_logprobs(s_logp, t_logp.clamp_min(TEACHER_LOG_FLOOR))
     if kind == "jsd":
         if beta == 0.0:
             return _kl_from_logprobs(t_logp, s_logp)
         if beta == 1.0:
-            return _kl_from_logprobs(s_logp, t_logp)
+            return _kl_from_logprobs(s_logp, t_logp.clamp_min(TEACHER_LOG_FLOOR))
         m = _log_mix(t_logp, s_logp, beta)
         return beta * _kl_from_logprobs(t_logp, m) + (1.0 - beta) * _kl_from_logprobs(s_logp, m)
     if kind == "skew_forward_kl":
@@ -105,7 +112,7 @@ def divergence_from_logprobs(
         return _kl_from_logprobs(t_logp, _log_mix(t_logp, s_logp, skew))
     if kind == "skew_reverse_kl":
         if skew == 0.0:
-            return _kl_from_logprobs(s_logp, t_logp)
+            return _kl_from_logprobs(s_logp, t_logp.clamp_min(TEACHER_LOG_FLOOR))
         return _kl_from_logprobs(s_logp, _log_mix(s_logp, t_logp, skew))
     if kind == "tvd":
         return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
@@ -116,54 +123,34 @@ def token_losses(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    *,
-    vocab_size: int,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
+    spec: LossSpec,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token CE and divergence, both fp32 [N].
+    """Per-token CE and divergence, both fp32 [N]; 0 at positions whose label is IGNORE_INDEX.
 
-    student_logits [N, Vs], teacher_logits [N, Vt] (Vs, Vt >= vocab_size), labels [N] in
-    [0, vocab_size). CE uses T = 1 (it is the hard-label term); the divergence uses T on both
-    sides. With teacher_logits None only the CE is computed.
+    student_logits [N, Vs], teacher_logits [N, Vt] (Vs, Vt >= spec.vocab_size), labels [N] in
+    [0, vocab_size) or IGNORE_INDEX. CE uses T = 1 (it is the hard-label term); the divergence
+    uses T on both sides. With teacher_logits None only the CE is computed.
     """
-    s = student_logits[..., :vocab_size].float()
-    ce = F.cross_entropy(s, labels, reduction="none")
+    V, T = spec.vocab_size, spec.temperature
+    s = student_logits[..., :V].float()
+    ce = F.cross_entropy(s, labels, reduction="none", ignore_index=IGNORE_INDEX)
     if teacher_logits is None:
         return ce, None
-    t = teacher_logits[..., :vocab_size].float()
-    s_logp = F.log_softmax(s / temperature, dim=-1)
-    t_logp = F.log_softmax(t / temperature, dim=-1)
-    return ce, divergence_from_logprobs(t_logp, s_logp, divergence, beta=beta, skew=skew)
+    t = teacher_logits[..., :V].float()
+    s_logp = F.log_softmax(s / T, dim=-1)
+    t_logp = F.log_softmax(t / T, dim=-1)
+    kd = divergence_from_logprobs(t_logp, s_logp, spec.divergence, beta=spec.beta, skew=spec.skew)
+    return ce, torch.where(labels != IGNORE_INDEX, kd, 0.0)
 
 
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
-    *,
-    vocab_size: int,
-    alpha: float,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
+    spec: LossSpec,
 ) -> LossParts:
     """Dense reference path: CE + divergence sums over N response tokens (see module doc)."""
-    need_teacher = alpha < 1.0
-    ce, kd = token_losses(
-        student_logits,
-        teacher_logits if need_teacher else None,
-        labels,
-        vocab_size=vocab_size,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        skew=skew,
-    )
+    ce, kd = token_losses(student_logits, teacher_logits if spec.needs_teacher else None, labels, spec)
     ce_sum = ce.sum()
     kd_sum = kd.sum() if kd is not None else ce.new_zeros(())
-    weighted = mix(ce_sum, kd_sum, alpha, temperature)
-    return LossParts(weighted, ce_sum.detach(), kd_sum.detach(), labels.numel())
+    return LossParts(spec.mix(ce_sum, kd_sum), ce_sum.detach(), kd_sum.detach(), (labels != IGNORE_INDEX).sum())

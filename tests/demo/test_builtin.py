@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd import demo, tasks
+from kd.demo import builtin, tasks
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def built(tmp_path_factory):
     home = tmp_path_factory.mktemp("kd_home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KD_HOME", str(home))
-        yield home, {n: Path(demo.resolve(f"builtin:{n}")) for n in ("tiny-teacher-init", "tiny-student")}
+        yield home, {n: Path(builtin.resolve(f"builtin:{n}")) for n in ("tiny-teacher-init", "tiny-student")}
 
 
 @pytest.fixture
@@ -30,22 +30,22 @@ def home(built, monkeypatch):
 def test_non_builtin_passes_through(monkeypatch, tmp_path):
     monkeypatch.setenv("KD_HOME", str(tmp_path))
     for s in ("gpt2", "meta-llama/Llama-3.2-1B", "/some/local/dir", "./rel", "builtin"):
-        assert demo.resolve(s) == s
+        assert builtin.resolve(s) == s
     assert not (tmp_path / "builtin").exists()
 
 
 def test_unknown_builtin_lists_valid_names():
     with pytest.raises(ValueError) as e:
-        demo.resolve("builtin:huge-teacher")
-    for name in demo.builtin_names():
+        builtin.resolve("builtin:huge-teacher")
+    for name in builtin.builtin_names():
         assert name in str(e.value)
 
 
 def test_builtin_tokenizer_is_shipped_dir():
     from transformers import AutoTokenizer
 
-    path = demo.resolve("builtin:tokenizer")
-    assert Path(path) == demo.TOKENIZER_DIR and (Path(path) / "tokenizer.json").is_file()
+    path = builtin.resolve("builtin:tokenizer")
+    assert Path(path) == builtin.TOKENIZER_DIR and (Path(path) / "tokenizer.json").is_file()
     assert AutoTokenizer.from_pretrained(path).eos_token == "<|im_end|>"
 
 
@@ -54,7 +54,7 @@ def test_models_build_into_kd_home(built):
     for name, d in dirs.items():
         assert d == home / "builtin" / name
         assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()
-        assert (d / "tokenizer.json").read_bytes() == (demo.TOKENIZER_DIR / "tokenizer.json").read_bytes()
+        assert (d / "tokenizer.json").read_bytes() == (builtin.TOKENIZER_DIR / "tokenizer.json").read_bytes()
     # No temp or stale directories left behind.
     assert sorted(p.name for p in (home / "builtin").iterdir()) == ["tiny-student", "tiny-teacher-init"]
 
@@ -101,21 +101,21 @@ def test_forward_on_teacher_and_student_views(built):
 
 
 def test_second_call_reuses(home, monkeypatch):
-    marker = home / "builtin" / "tiny-student" / demo._MARKER
+    marker = home / "builtin" / "tiny-student" / builtin._MARKER
     before = marker.stat().st_mtime_ns
 
     def boom(*a, **k):
         raise AssertionError("rebuilt a complete builtin")
 
-    monkeypatch.setattr(demo, "_build", boom)
-    assert demo.resolve("builtin:tiny-student") == str(home / "builtin" / "tiny-student")
+    monkeypatch.setattr(builtin, "_build", boom)
+    assert builtin.resolve("builtin:tiny-student") == str(home / "builtin" / "tiny-student")
     assert marker.stat().st_mtime_ns == before
 
 
 def test_build_is_deterministic_and_keeps_global_rng(built, monkeypatch, tmp_path):
     monkeypatch.setenv("KD_HOME", str(tmp_path))
     state = torch.random.get_rng_state()
-    d = Path(demo.resolve("builtin:tiny-student"))
+    d = Path(builtin.resolve("builtin:tiny-student"))
     assert torch.equal(torch.random.get_rng_state(), state)
     ref = built[1]["tiny-student"]
     assert (d / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
@@ -125,16 +125,16 @@ def test_stale_build_is_replaced(monkeypatch, tmp_path):
     monkeypatch.setenv("KD_HOME", str(tmp_path))
     d = tmp_path / "builtin" / "tiny-student"
     d.mkdir(parents=True)
-    (d / demo._MARKER).write_text('{"recipe": 0}')  # an old recipe's build
+    (d / builtin._MARKER).write_text('{"recipe": 0}')  # an old recipe's build
     (d / "junk").write_text("x")
-    assert demo.resolve("builtin:tiny-student") == str(d)
-    assert demo._is_complete(d, "tiny-student") and not (d / "junk").exists()
+    assert builtin.resolve("builtin:tiny-student") == str(d)
+    assert builtin._is_complete(d, "tiny-student") and not (d / "junk").exists()
     assert sorted(p.name for p in d.parent.iterdir()) == ["tiny-student"]
 
 
 def test_losing_the_race_keeps_the_winner(monkeypatch, tmp_path):
     monkeypatch.setenv("KD_HOME", str(tmp_path))
-    real_build = demo._build
+    real_build = builtin._build
     final = tmp_path / "builtin" / "tiny-student"
 
     def racing_build(name, out):
@@ -145,25 +145,25 @@ def test_losing_the_race_keeps_the_winner(monkeypatch, tmp_path):
         (other / "winner").write_text("1")
         os.rename(other, final)
 
-    monkeypatch.setattr(demo, "_build", racing_build)
-    assert demo.resolve("builtin:tiny-student") == str(final)
-    assert (final / "winner").exists() and demo._is_complete(final, "tiny-student")
+    monkeypatch.setattr(builtin, "_build", racing_build)
+    assert builtin.resolve("builtin:tiny-student") == str(final)
+    assert (final / "winner").exists() and builtin._is_complete(final, "tiny-student")
     assert sorted(p.name for p in final.parent.iterdir()) == ["tiny-student"]
 
 
 def test_tiny_teacher_is_the_shipped_model(monkeypatch, tmp_path):
-    """builtin:tiny-teacher is kd/assets/teacher (not copied) when shipped, else the random init."""
+    """builtin:tiny-teacher is kd/demo/assets/teacher (not copied) when shipped, else the random init."""
     monkeypatch.setenv("KD_HOME", str(tmp_path))
-    if demo.shipped_teacher() is not None:
-        assert demo.resolve("builtin:tiny-teacher") == str(demo.TEACHER_DIR)
+    if builtin.shipped_teacher() is not None:
+        assert builtin.resolve("builtin:tiny-teacher") == str(builtin.TEACHER_DIR)
         assert not (tmp_path / "builtin").exists()
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(demo.TEACHER_DIR)
-        tok = AutoTokenizer.from_pretrained(demo.TEACHER_DIR)
-        assert tok.get_vocab() == AutoTokenizer.from_pretrained(demo.TOKENIZER_DIR).get_vocab()
+        model = AutoModelForCausalLM.from_pretrained(builtin.TEACHER_DIR)
+        tok = AutoTokenizer.from_pretrained(builtin.TEACHER_DIR)
+        assert tok.get_vocab() == AutoTokenizer.from_pretrained(builtin.TOKENIZER_DIR).get_vocab()
         assert model.config.vocab_size >= len(tok) and model.dtype == torch.float32
-        assert sum(p.stat().st_size for p in demo.TEACHER_DIR.iterdir()) < 16 * 2**20  # a few MB
-    monkeypatch.setattr(demo, "TEACHER_DIR", tmp_path / "absent")
-    assert demo.resolve("builtin:tiny-teacher") == str(tmp_path / "builtin" / "tiny-teacher")
-    assert demo._is_complete(tmp_path / "builtin" / "tiny-teacher", "tiny-teacher")
+        assert sum(p.stat().st_size for p in builtin.TEACHER_DIR.iterdir()) < 16 * 2**20  # a few MB
+    monkeypatch.setattr(builtin, "TEACHER_DIR", tmp_path / "absent")
+    assert builtin.resolve("builtin:tiny-teacher") == str(tmp_path / "builtin" / "tiny-teacher")
+    assert builtin._is_complete(tmp_path / "builtin" / "tiny-teacher", "tiny-teacher")

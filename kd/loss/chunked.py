@@ -1,11 +1,11 @@
 """Memory-frugal distillation loss computed from final hidden states instead of logits.
 
-`chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, ...)`
+`chunked_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, spec)`
 has the semantics and values of
 
-    kd_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels, ...)
+    kd_loss(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, labels, spec)
 
-(see `kd.losses`), but never holds a full [N, V] tensor: rows are processed `chunk_size` at a
+(see `kd.loss.dense`, including its IGNORE_INDEX contract), but never holds a full [N, V] tensor: rows are processed `chunk_size` at a
 time. Each chunk is projected through both lm_heads into two reused fp32 [chunk, V] buffers,
 CE and the divergence are evaluated in fp32 (a few rows at a time, in place), and the gradient of
 the weighted loss w.r.t. the chunk's student logits is written down analytically (formulas
@@ -40,10 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kd.losses import _LOG_FLOOR, DIVERGENCES, LossParts, mix
-
-# Same as F.cross_entropy's default, so labels mean exactly what they mean in `kd_loss`.
-IGNORE_INDEX = -100
+from kd.loss.dense import _LOG_FLOOR, TEACHER_LOG_FLOOR, LossParts
+from kd.loss.spec import IGNORE_INDEX, LossSpec
 # Bytes of one [rows, V] fp32 block of the elementwise loss math; its ~3 temporaries stay this
 # size whatever chunk_size. On CPU: small enough to stay in cache and below malloc's mmap
 # threshold (no page faults), large enough to keep the op count low (each op is a parallel
@@ -54,13 +52,7 @@ _ROW_BLOCK_BYTES_DEFAULT = 256 * 2**20
 
 @dataclass(frozen=True)
 class _Opts:
-    vocab_size: int
-    alpha: float
-    temperature: float
-    divergence: str
-    beta: float
-    skew: float
-    chunk_size: int
+    spec: LossSpec
     need_teacher: bool
     grad_enabled: bool
 
@@ -71,28 +63,20 @@ def chunked_kd_loss(
     teacher_hidden: torch.Tensor | None,
     teacher_weight: torch.Tensor | None,
     labels: torch.Tensor,
+    spec: LossSpec,
     *,
-    vocab_size: int,
-    alpha: float,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    skew: float = 0.1,
-    chunk_size: int = 1024,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
 ) -> LossParts:
     """CE + divergence token sums from hidden states; see the module doc.
 
-    student_hidden [N, Hs], student_weight [Vs, Hs] (Vs >= vocab_size), teacher_hidden [N, Ht],
-    teacher_weight [Vt, Ht] (Vt >= vocab_size), labels [N]. Gradients reach student_hidden,
+    student_hidden [N, Hs], student_weight [Vs, Hs] (Vs >= spec.vocab_size), teacher_hidden
+    [N, Ht], teacher_weight [Vt, Ht] (Vt >= vocab_size), labels [N] (IGNORE_INDEX rows count for
+    nothing). Rows are projected spec.chunk_size at a time. Gradients reach student_hidden,
     student_weight and student_bias (in their own dtypes); the teacher never gets any. The graph
     can be backpropagated once (the stored gradients are scaled in place).
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    vocab_size = spec.vocab_size
     if student_hidden.dim() != 2 or labels.shape != student_hidden.shape[:1]:
         raise ValueError(
             f"expected student_hidden [N, H] and labels [N], got {tuple(student_hidden.shape)} "
@@ -100,7 +84,7 @@ def chunked_kd_loss(
         )
     if student_weight.shape[0] < vocab_size:
         raise ValueError(f"student_weight has {student_weight.shape[0]} rows < vocab_size {vocab_size}")
-    need_teacher = alpha < 1.0 and teacher_hidden is not None
+    need_teacher = spec.needs_teacher and teacher_hidden is not None
     if need_teacher:
         if teacher_weight is None:
             raise ValueError("teacher_hidden given without teacher_weight")
@@ -112,13 +96,7 @@ def chunked_kd_loss(
         teacher_hidden = teacher_weight = teacher_bias = None
 
     opts = _Opts(
-        vocab_size=vocab_size,
-        alpha=float(alpha),
-        temperature=float(temperature),
-        divergence=divergence,
-        beta=float(beta),
-        skew=float(skew),
-        chunk_size=int(chunk_size),
+        spec=spec,
         need_teacher=need_teacher,
         # Inside Function.forward grad mode is off and needs_input_grad ignores it: read it here.
         grad_enabled=torch.is_grad_enabled(),
@@ -126,7 +104,7 @@ def chunked_kd_loss(
     weighted, ce_sum, kd_sum = _ChunkedKD.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, opts
     )
-    return LossParts(weighted, ce_sum, kd_sum, labels.numel())
+    return LossParts(weighted, ce_sum, kd_sum, (labels != IGNORE_INDEX).sum())
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -134,7 +112,8 @@ class _ChunkedKD(torch.autograd.Function):
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, opts: _Opts):
         want_h, want_w, want_b = (opts.grad_enabled and n for n in ctx.needs_input_grad[:3])
         want_any = want_h or want_w or want_b
-        V, n_rows = opts.vocab_size, s_hidden.shape[0]
+        spec = opts.spec
+        V, n_rows = spec.vocab_size, s_hidden.shape[0]
         # Padded rows never reach the loss; views keep the projection to the real vocabulary.
         w = s_weight[:V]
         b = s_bias[:V] if s_bias is not None else None
@@ -155,12 +134,12 @@ class _ChunkedKD(torch.autograd.Function):
         # Two fp32 logits buffers reused by every chunk (fresh ones would be page-faulted in again
         # each chunk on CPU). The loss math runs on them a block of rows at a time: the GEMMs want
         # tall chunks, the elementwise temporaries only a few rows.
-        rows_max = min(opts.chunk_size, n_rows)
+        rows_max = min(spec.chunk_size, n_rows)
         s_buf = s_hidden.new_empty((rows_max, V), dtype=torch.float32)
         t_buf = s_hidden.new_empty((rows_max, V), dtype=torch.float32) if opts.need_teacher else None
         block = max(1, _ROW_BLOCK_BYTES.get(s_hidden.device.type, _ROW_BLOCK_BYTES_DEFAULT) // (4 * V))
-        for i in range(0, n_rows, opts.chunk_size):
-            j = min(i + opts.chunk_size, n_rows)
+        for i in range(0, n_rows, spec.chunk_size):
+            j = min(i + spec.chunk_size, n_rows)
             h = s_hidden[i:j]
             s = _project(h, w, b, s_buf[: j - i])
             t = _project(t_hidden[i:j], tw, tb, t_buf[: j - i]) if opts.need_teacher else None
@@ -191,7 +170,7 @@ class _ChunkedKD(torch.autograd.Function):
 
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (s_hidden.dtype, s_weight.dtype, s_bias.dtype if s_bias is not None else None)
-        weighted = mix(ce_total, kd_total, opts.alpha, opts.temperature)
+        weighted = spec.mix(ce_total, kd_total)
         ctx.mark_non_differentiable(ce_total, kd_total)
         return weighted, ce_total, kd_total
 
@@ -225,7 +204,7 @@ def _rows_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row CE [R] and divergence [R] (None without a teacher) from fp32 logits s, t [R, V].
     Both are overwritten; with want_grad, `s` ends up holding d(weighted)/ds."""
-    alpha, T = opts.alpha, opts.temperature
+    alpha, T = opts.spec.alpha, opts.spec.temperature
     valid = labels != IGNORE_INDEX
     safe = torch.where(valid, labels, torch.zeros_like(labels)).unsqueeze(1)
     # The fused kernel, as in the dense path: one pass fewer than max/logsumexp/sub, and
@@ -250,26 +229,29 @@ def _rows_loss_and_grad(
             ce_in_s = True
         del log_q1
         t.div_(T)
-    # The floor keeps 0 * log 0 terms finite, as in kd.losses.
+    # The floor keeps 0 * log 0 terms finite, as in kd.loss.dense.
     log_q.clamp_min_(_LOG_FLOOR)
     log_p = F.log_softmax(t, -1).clamp_min_(_LOG_FLOOR)
     # At T = 1 softmax(s) is q itself: the divergence gradient folds the CE softmax term in.
     q_coef = ce_w if T == 1.0 else None
-    kd_rows = _divergence_and_grad(log_p, log_q, opts, want_grad, (1.0 - alpha) * T, q_coef)
+    kd_rows = _divergence_and_grad(log_p, log_q, opts.spec, want_grad, (1.0 - alpha) * T, q_coef)
+    # An ignored row adds no divergence and no gradient; multiplying by the 0/1 mask where the
+    # gradient is moved into `s` anyway costs no extra pass (and x * 1 == x bit for bit).
+    keep = valid.unsqueeze(1)
     if want_grad:
         if ce_in_s:
-            s.add_(log_q)
+            s.addcmul_(log_q, keep)
         else:
-            s.copy_(log_q)
+            torch.mul(log_q, keep, out=s)
         if ce_w is not None:
             s.scatter_add_(1, safe, -ce_w)
-    return ce_rows, kd_rows
+    return ce_rows, torch.where(valid, kd_rows, 0.0)
 
 
 def _divergence_and_grad(
     log_p: torch.Tensor,
     log_q: torch.Tensor,
-    opts: _Opts,
+    spec: LossSpec,
     want_grad: bool,
     scale: float,
     q_coef: torch.Tensor | None,
@@ -277,7 +259,7 @@ def _divergence_and_grad(
     """D(p || q) per row [R] from floored fp32 log-probs [R, V] (same endpoint conventions as
     `divergence_from_logprobs`). Both inputs are consumed; with want_grad, `log_q`'s storage ends
     up holding scale * dD/d(s / T) + q_coef * q."""
-    kind, beta, skew = opts.divergence, opts.beta, opts.skew
+    kind, beta, skew = spec.divergence, spec.beta, spec.skew
     if (kind == "jsd" and beta == 0.0) or (kind == "skew_forward_kl" and skew == 0.0):
         kind = "forward_kl"
     elif (kind == "jsd" and beta == 1.0) or (kind == "skew_reverse_kl" and skew == 0.0):
@@ -290,7 +272,7 @@ def _divergence_and_grad(
             log_q.exp_().mul_(scale if q_coef is None else q_coef + scale).sub_(p, alpha=scale)
         return rows
     if kind == "reverse_kl":
-        g = log_p.neg_().add_(log_q)  # log(q / p)
+        g = log_p.clamp_min_(TEACHER_LOG_FLOOR).neg_().add_(log_q)  # log(q / p), see kd.loss.dense
         q = log_q.exp_()
         rows = torch.mul(q, g).sum(-1)
         if want_grad:
@@ -331,7 +313,9 @@ def _divergence_and_grad(
     if kind == "tvd":
         q = log_q.exp_()
         diff = log_p.exp_().neg_().add_(q)  # q - p
-        rows = torch.linalg.vector_norm(diff, 1, dim=-1).mul_(0.5)
+        # abs().sum() is summed pairwise; a float32 vector_norm(., 1) over 32000 columns is not
+        # (~2e-5 relative error).
+        rows = diff.abs().sum(-1).mul_(0.5)
         if want_grad:
             g = diff.sign_().mul_(0.5)
             _softmax_grad(q, g, torch.mul(q, g).sum(-1), scale, q_coef)

@@ -1,6 +1,6 @@
-"""Build the project's tiny byte-level BPE tokenizer into kd/assets/tokenizer.
+"""Build the project's tiny byte-level BPE tokenizer into kd/demo/assets/tokenizer.
 
-    python -m kd.tokenizer_build [OUT_DIR]
+    python -m kd.demo.tokenizer [OUT_DIR]
 
 Trained on a fixed, seeded sample of the demo tasks (kd.tasks), so rebuilding gives
 byte-identical files. Conventions:
@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
 
 def _corpus() -> list[str]:
     """Training text: demo records rendered in chat layout, markers left out (they are specials)."""
-    from kd import tasks
+    from kd.demo import tasks
 
     texts = []
     for rec in tasks.generate(CORPUS_RECORDS, CORPUS_SEED):
@@ -110,7 +110,7 @@ def _make_config_portable(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI entry point: optional output directory, default kd/assets/tokenizer."""
+    """CLI entry point: optional output directory, default kd/demo/assets/tokenizer."""
     argv = sys.argv[1:] if argv is None else argv
     out = build(argv[0] if argv else DEFAULT_DIR)
     print(f"tokenizer written to {out}")

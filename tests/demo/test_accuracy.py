@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 
 from conftest import PY, ROOT
-from kd import accuracy as acc
-from kd import tasks
+from kd.demo import accuracy as acc
+from kd.demo import tasks
 
 EVAL = ROOT / "data/demo/eval.jsonl"
 
@@ -117,7 +117,7 @@ def tiny():
     """(tokenizer, teacher, student) builtin models on CPU, fp32."""
     import torch
 
-    from kd.generate import load_for_generation
+    from kd.tools.generate import load_for_generation
 
     tok, teacher = load_for_generation("builtin:tiny-teacher", "float32", torch.device("cpu"))
     _, student = load_for_generation("builtin:tiny-student", "float32", torch.device("cpu"))

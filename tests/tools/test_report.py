@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kd.errors import KDError
-from kd.report import main, report, sweep_trials
+from kd.tools.report import main, report, sweep_trials
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

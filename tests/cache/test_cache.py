@@ -1,5 +1,5 @@
-"""Teacher-logit cache: what is stored, the cached loss against the live one, manifest checks, and
-builds that are interrupted and resumed."""
+"""Teacher-logit cache: what is stored, the cached Distiller against the live one, manifest checks,
+and builds that are interrupted and resumed (the loss math itself: tests/loss/test_topk.py)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ACCELERATE, ROOT, free_port, tiny_overrides
-from kd import cache as kc
-from kd.config import LossConfig, load_config
+import kd.cache.build
+from kd.cache.build import build_cache
+from kd.cache.store import CacheError, TeacherCache
+from kd.cache.teacher import CachedDistiller
+from kd.config import load_config
 from kd.data import build_datasets, collate
 from kd.forward import Distiller, fp32_logits, head, teacher_forward
-from kd.losses import DIVERGENCES, kd_loss
+from kd.loss import LossSpec
+from kd.loss.topk import bucket_logprobs
 from kd.models import load_student, load_teacher, load_tokenizer, load_tokenizers
 
 DEMO = str(ROOT / "configs/demo.yaml")
@@ -44,71 +48,14 @@ def built(small_data, tmp_path_factory):
     """A k=16 cache of small_data (3 train shards, 1 eval shard), built in this process."""
     path = tmp_path_factory.mktemp("cache") / "k16"
     cfg = config(small_data, path)
-    kc.build_cache(cfg, k=K, shard_examples=SHARD, log=lambda *a: None)
+    build_cache(cfg, k=K, shard_examples=SHARD, log=lambda *a: None)
     return cfg, path
-
-
-def test_topk_loss_equals_live_loss_when_k_is_the_vocabulary():
-    torch.manual_seed(0)
-    n, v = 12, 50
-    student = torch.randn(n, v + 3) * 2  # padded rows beyond the vocabulary are ignored
-    teacher = torch.randn(n, v + 14) * 3
-    labels = torch.randint(0, v, (n,))
-    top = kc.teacher_topk(teacher, v, v, (1.0, 2.0))
-    assert torch.isneginf(top.tail_lse).all() and top.tail_lse.shape == (n, 2)
-    for div in DIVERGENCES:
-        for t in (1.0, 2.0, 4.0):
-            s1, s2 = student.clone().requires_grad_(), student.clone().requires_grad_()
-            ref = kd_loss(s1, teacher, labels, vocab_size=v, alpha=0.3, temperature=t, divergence=div)
-            got = kc.topk_kd_loss(s2, top.ids, top.logits, top.tail_lse, labels, vocab_size=v, alpha=0.3,
-                                  temperature=t, divergence=div, tail_temperatures=(1.0, 2.0))
-            ref.weighted_sum.backward()
-            got.weighted_sum.backward()
-            torch.testing.assert_close(got.kd_sum, ref.kd_sum, rtol=1e-5, atol=1e-5, msg=f"{div} T={t}")
-            torch.testing.assert_close(got.weighted_sum, ref.weighted_sum, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(s2.grad, s1.grad, rtol=1e-4, atol=1e-6, msg=f"{div} T={t}")
-
-
-def test_topk_loss_with_a_tail_is_finite_and_bounded_by_the_live_divergence():
-    torch.manual_seed(1)
-    n, v = 16, 64
-    student, teacher = torch.randn(n, v) * 2, torch.randn(n, v) * 3
-    labels = torch.randint(0, v, (n,))
-    for k in (1, 8, 63):
-        top = kc.teacher_topk(teacher, k, v, (1.0, 2.0, 4.0))
-        for t in (1.0, 2.0, 4.0):  # stored temperatures: the buckets are exact
-            s = student.clone().requires_grad_()
-            got = kc.topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, vocab_size=v, alpha=0.0,
-                                  temperature=t, tail_temperatures=top.tail_temperatures)
-            got.weighted_sum.backward()
-            assert torch.isfinite(s.grad).all()
-            live = kd_loss(student, teacher, labels, vocab_size=v, alpha=0.0, temperature=t).kd_sum
-            # so the data-processing inequality holds exactly: the cache only drops the within-tail term
-            assert 0 <= got.kd_sum <= live + 1e-4
-
-
-def test_tempered_tail_mass_exact_at_stored_temperatures_and_bounded_between():
-    torch.manual_seed(2)
-    n, v, k = 32, 300, 20
-    z = torch.randn(n, v) * 2.5
-    top = kc.teacher_topk(z, k, v, (1.0, 2.0, 4.0))
-    rest = z.scatter(-1, top.ids, float("-inf"))
-    for t in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0):
-        true = (rest / t).logsumexp(-1)
-        est = kc.tempered_tail_lse(top.tail_lse, top.tail_temperatures, v - k, t)
-        if t in (1.0, 2.0, 4.0):
-            torch.testing.assert_close(est, true, rtol=0, atol=1e-6)
-        elif t > 1.0:  # the chord in 1/T and the flat-tail extrapolation are upper bounds
-            assert (est >= true - 1e-5).all(), t
-        flat_from_1 = kc.tempered_tail_lse(top.tail_lse[:, :1], (1.0,), v - k, t)
-        if t > 1.0:
-            assert (flat_from_1 >= est - 1e-5).all()  # storing more temperatures only tightens it
 
 
 def test_round_trip_topk_exact_and_tail_mass_exact_at_t1(built):
     cfg, path = built
     tok, train, evald = datasets(cfg)
-    cache = kc.TeacherCache.open(cfg, tok, train, evald)
+    cache = TeacherCache.open(cfg, tok, train, evald)
     teacher = load_teacher(cfg, len(tok), "cpu")
     v = len(tok)
     checked = 0
@@ -126,7 +73,7 @@ def test_round_trip_topk_exact_and_tail_mass_exact_at_t1(built):
             assert got.tail_temperatures.tolist() == [1.0, 2.0, 4.0, 8.0]
             torch.testing.assert_close(got.tail_lse[:, 0], tail, rtol=0, atol=1e-6)
             for t in (1.0, 2.0):  # stored tail temperatures: re-tempered and renormalised exactly
-                t_logp, _ = kc.bucket_logprobs(torch.zeros_like(logits), got.ids, got.logits, got.tail_lse,
+                t_logp, _ = bucket_logprobs(torch.zeros_like(logits), got.ids, got.logits, got.tail_lse,
                                                vocab_size=v, temperature=t, tail_temperatures=got.tail_temperatures)
                 live = (logits / t).log_softmax(-1)
                 torch.testing.assert_close(t_logp[:, :K], live.gather(-1, top.indices), rtol=0, atol=1e-5)
@@ -146,16 +93,16 @@ def test_cached_distiller_equals_live_distiller_when_k_is_the_vocabulary(small_d
     cfg = sixteen(small_data, path)
     tok = load_tokenizers(cfg)
     v = len(tok)
-    kc.build_cache(cfg, k=v, shard_examples=8, log=lambda *a: None)
+    build_cache(cfg, k=v, shard_examples=8, log=lambda *a: None)
     _, train, _ = datasets(cfg, tok)
-    cache = kc.TeacherCache.open(cfg, tok, train, None)
+    cache = TeacherCache.open(cfg, tok, train, None)
     teacher = load_teacher(cfg, v, "cpu")
     batch = collate([train[i] for i in (3, 0, 7, 12, 5)], tok.pad_token_id)  # not the builder's batching
-    for loss in (LossConfig(alpha=0.2, temperature=2.0, divergence="jsd"),
-                 LossConfig(alpha=0.5, temperature=4.0, implementation="chunked", chunk_size=37)):
+    for spec in (LossSpec(v, alpha=0.2, temperature=2.0, divergence="jsd"),
+                 LossSpec(v, alpha=0.5, temperature=4.0, implementation="chunked", chunk_size=37)):
         live_student, cached_student = load_student(cfg, v, "cpu"), load_student(cfg, v, "cpu")
-        live = Distiller(live_student, loss, v)(batch, teacher_forward(teacher, batch), head(teacher))
-        got = kc.CachedDistiller(cached_student, loss, v)(batch, cache.lookup(batch, "train"))
+        live = Distiller(live_student, spec)(batch, teacher_forward(teacher, batch), head(teacher))
+        got = CachedDistiller(cached_student, spec)(batch, cache.lookup(batch, "train"))
         live["weighted_sum"].backward()
         got["weighted_sum"].backward()
         for key in ("weighted_sum", "ce_sum", "kd_sum"):
@@ -173,8 +120,8 @@ def test_a_cache_that_does_not_match_the_run_is_refused(built, small_data):
     tok, train, evald = datasets(cfg)
 
     def refused(run_cfg, message, tok=tok, train=train, evald=evald):
-        with pytest.raises(kc.CacheError, match=message):
-            kc.TeacherCache.open(run_cfg, tok, train, evald)
+        with pytest.raises(CacheError, match=message):
+            TeacherCache.open(run_cfg, tok, train, evald)
 
     shorter = config(small_data, path, **{"data.max_length": 200})
     refused(shorter, r"built with data.max_length=256, this run has data.max_length=200")
@@ -191,15 +138,15 @@ def test_a_cache_that_does_not_match_the_run_is_refused(built, small_data):
             tok=bigger)
     refused(config(small_data, path.parent / "nothing-here"), r"no manifest.json there; build it with")
     # building into a directory that holds another cache is refused too
-    with pytest.raises(kc.CacheError, match=r"already holds a cache built with other settings \(k: 16 -> 32"):
-        kc.build_cache(cfg, k=32, shard_examples=SHARD, log=lambda *a: None)
+    with pytest.raises(CacheError, match=r"already holds a cache built with other settings \(k: 16 -> 32"):
+        build_cache(cfg, k=32, shard_examples=SHARD, log=lambda *a: None)
 
 
 def test_interrupted_build_resumes_skipping_finished_shards(small_data, tmp_path, monkeypatch):
     ref, path = tmp_path / "uninterrupted", tmp_path / "resumed"
-    kc.build_cache(sixteen(small_data, ref), k=K, shard_examples=5, log=lambda *a: None)
+    build_cache(sixteen(small_data, ref), k=K, shard_examples=5, log=lambda *a: None)
     cfg = sixteen(small_data, path)
-    real_write = kc._write_shard
+    real_write = kd.cache.build._write_shard
     written = []
 
     def dies_on_second_shard(target, tensors, metadata):
@@ -209,18 +156,18 @@ def test_interrupted_build_resumes_skipping_finished_shards(small_data, tmp_path
         real_write(target, tensors, metadata)
         written.append(target)
 
-    monkeypatch.setattr(kc, "_write_shard", dies_on_second_shard)
+    monkeypatch.setattr(kd.cache.build, "_write_shard", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        kc.build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)
-    monkeypatch.setattr(kc, "_write_shard", real_write)
+        build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)
+    monkeypatch.setattr(kd.cache.build, "_write_shard", real_write)
     first = path / "train-00000.safetensors"
     assert written == [first] and not (path / "train-00001.safetensors").exists()
     stamp = os.stat(first)
     tok, train, _ = datasets(cfg)
-    with pytest.raises(kc.CacheError, match="incomplete"):
-        kc.TeacherCache.open(cfg, tok, train, None)
+    with pytest.raises(CacheError, match="incomplete"):
+        TeacherCache.open(cfg, tok, train, None)
 
-    kc.build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)
+    build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)
     again = os.stat(first)
     assert (again.st_ino, again.st_mtime_ns) == (stamp.st_ino, stamp.st_mtime_ns)  # skipped, not rewritten
     # the stale temporary file is gone, and the shards equal an uninterrupted build's
@@ -229,14 +176,14 @@ def test_interrupted_build_resumes_skipping_finished_shards(small_data, tmp_path
     for i in range(4):
         a, b = load_file(path / f"train-0000{i}.safetensors"), load_file(ref / f"train-0000{i}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), i
-    kc.TeacherCache.open(cfg, tok, train, None)
+    TeacherCache.open(cfg, tok, train, None)
 
     # a rerun with nothing left to do does not even load the teacher
     def no_teacher(*a, **k):
         raise AssertionError("the teacher was loaded")
 
     monkeypatch.setattr("kd.models.load_model", no_teacher)
-    assert kc.build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)["complete"]
+    assert build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)["complete"]
 
 
 @pytest.mark.slow

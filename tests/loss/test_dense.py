@@ -1,4 +1,4 @@
-"""kd.losses against a plain float64 reference, plus the invariants the trainer relies on."""
+"""kd.loss.dense against a plain float64 reference, plus the invariants the trainer relies on."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd.losses import DIVERGENCES, LossParts, divergence_from_logprobs, kd_loss, mix, token_losses
+from kd.loss import DIVERGENCES, LossParts, LossSpec, divergence_from_logprobs, kd_loss, token_losses
 
 N, V = 9, 13
 NEG_INF = float("-inf")
@@ -77,7 +77,7 @@ CASE_IDS = [k + "".join(f"-{a}={b}" for a, b in kw.items()) for k, kw in CASES]
 def test_matches_naive_reference(kind, kw, temperature):
     s, t, y = _logits(0)
     alpha = 0.3
-    out = kd_loss(s, t, y, vocab_size=V, alpha=alpha, temperature=temperature, divergence=kind, **kw)
+    out = kd_loss(s, t, y, LossSpec(vocab_size=V, alpha=alpha, temperature=temperature, divergence=kind, **kw))
     ref_kd = ref_divergence(t, s, kind, temperature, **kw).sum()
     ref_ce_sum = ref_ce(s, y).sum()
     torch.testing.assert_close(out.kd_sum.double(), ref_kd, rtol=1e-5, atol=1e-5)
@@ -90,7 +90,7 @@ def test_matches_naive_reference(kind, kw, temperature):
 @pytest.mark.parametrize("kind,kw", CASES, ids=CASE_IDS)
 def test_per_token_values_match_reference(kind, kw):
     s, t, y = _logits(1)
-    _, kd = token_losses(s, t, y, vocab_size=V, temperature=1.5, divergence=kind, **kw)
+    _, kd = token_losses(s, t, y, LossSpec(vocab_size=V, temperature=1.5, divergence=kind, **kw))
     assert kd.shape == (N,) and kd.dtype == torch.float32
     torch.testing.assert_close(kd.double(), ref_divergence(t, s, kind, 1.5, **kw), rtol=1e-5, atol=1e-6)
 
@@ -99,7 +99,7 @@ def test_per_token_values_match_reference(kind, kw):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 def test_identical_logits_give_zero(kind, kw, temperature):
     s, _, y = _logits(2, scale=5.0)
-    out = kd_loss(s, s.clone(), y, vocab_size=V, alpha=0.0, temperature=temperature, divergence=kind, **kw)
+    out = kd_loss(s, s.clone(), y, LossSpec(vocab_size=V, alpha=0.0, temperature=temperature, divergence=kind, **kw))
     assert abs(out.kd_sum.item()) < 1e-5
 
 
@@ -107,7 +107,7 @@ def test_identical_logits_give_zero(kind, kw, temperature):
 def test_divergences_are_non_negative(kind, kw):
     for seed in range(5):
         s, t, y = _logits(10 + seed, n=32, v=50, scale=4.0)
-        _, kd = token_losses(s, t, y, vocab_size=50, temperature=1.3, divergence=kind, **kw)
+        _, kd = token_losses(s, t, y, LossSpec(vocab_size=50, temperature=1.3, divergence=kind, **kw))
         assert (kd >= -1e-6).all(), kd.min()
 
 
@@ -153,16 +153,16 @@ def test_zero_skew_is_the_plain_kl(kind, plain):
 
 def test_mix_is_the_convention():
     ce, kd = torch.tensor(3.0), torch.tensor(0.5)
-    assert mix(ce, kd, 0.25, 2.0).item() == pytest.approx(0.25 * 3.0 + 0.75 * 4.0 * 0.5)
-    assert mix(ce, kd, 1.0, 3.0).item() == pytest.approx(3.0)
-    assert mix(ce, kd, 0.0, 3.0).item() == pytest.approx(9.0 * 0.5)
+    assert LossSpec(1, alpha=0.25, temperature=2.0).mix(ce, kd).item() == pytest.approx(0.25 * 3.0 + 0.75 * 4.0 * 0.5)
+    assert LossSpec(1, alpha=1.0, temperature=3.0).mix(ce, kd).item() == pytest.approx(3.0)
+    assert LossSpec(1, alpha=0.0, temperature=3.0).mix(ce, kd).item() == pytest.approx(9.0 * 0.5)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0])
 def test_weighted_sum_scales_kd_by_t_squared(temperature):
     s, t, y = _logits(6)
     s.requires_grad_()
-    out = kd_loss(s, t, y, vocab_size=V, alpha=0.4, temperature=temperature)
+    out = kd_loss(s, t, y, LossSpec(vocab_size=V, alpha=0.4, temperature=temperature))
     torch.testing.assert_close(out.weighted_sum.detach(), 0.4 * out.ce_sum + 0.6 * temperature**2 * out.kd_sum)
     assert out.weighted_sum.requires_grad
     assert not out.ce_sum.requires_grad and not out.kd_sum.requires_grad
@@ -173,7 +173,7 @@ def test_weighted_sum_scales_kd_by_t_squared(temperature):
 def test_alpha(alpha):
     s, t, y = _logits(7)
     s.requires_grad_()
-    out = kd_loss(s, t, y, vocab_size=V, alpha=alpha, temperature=2.0)
+    out = kd_loss(s, t, y, LossSpec(vocab_size=V, alpha=alpha, temperature=2.0))
     ce = ref_ce(s.detach(), y).sum()
     kd = ref_divergence(t, s.detach(), "forward_kl", 2.0).sum()
     if alpha == 1.0:
@@ -183,7 +183,7 @@ def test_alpha(alpha):
     torch.testing.assert_close(out.weighted_sum.detach().double(), alpha * ce + (1 - alpha) * 4.0 * kd, rtol=1e-5, atol=1e-5)
     (grad,) = torch.autograd.grad(out.weighted_sum, s)
     # The labels only enter through CE: with alpha = 0 they cannot move the gradient.
-    other = kd_loss(s, t, (y + 1) % V, vocab_size=V, alpha=alpha, temperature=2.0)
+    other = kd_loss(s, t, (y + 1) % V, LossSpec(vocab_size=V, alpha=alpha, temperature=2.0))
     (grad_other,) = torch.autograd.grad(other.weighted_sum, s)
     assert torch.equal(grad, grad_other) == (alpha == 0.0)
 
@@ -191,14 +191,14 @@ def test_alpha(alpha):
 def test_alpha_one_never_reads_the_teacher():
     s, t, y = _logits(8)
     nan_teacher = torch.full_like(t, float("nan"))
-    out = kd_loss(s, nan_teacher, y, vocab_size=V, alpha=1.0)
+    out = kd_loss(s, nan_teacher, y, LossSpec(vocab_size=V, alpha=1.0))
     assert out.kd_sum.item() == 0.0 and torch.isfinite(out.weighted_sum)
-    assert kd_loss(s, None, y, vocab_size=V, alpha=1.0).weighted_sum.item() == pytest.approx(out.weighted_sum.item())
+    assert kd_loss(s, None, y, LossSpec(vocab_size=V, alpha=1.0)).weighted_sum.item() == pytest.approx(out.weighted_sum.item())
 
 
 def test_no_teacher_gives_zero_kd():
     s, _, y = _logits(8)
-    out = kd_loss(s, None, y, vocab_size=V, alpha=0.5)
+    out = kd_loss(s, None, y, LossSpec(vocab_size=V, alpha=0.5))
     assert out.kd_sum.item() == 0.0
     assert out.weighted_sum.item() == pytest.approx(0.5 * out.ce_sum.item())
 
@@ -207,7 +207,7 @@ def test_no_teacher_gives_zero_kd():
 def test_vocab_padding_changes_nothing(kind, kw):
     s, t, y = _logits(9)
     s.requires_grad_()
-    base = kd_loss(s, t, y, vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw)
+    base = kd_loss(s, t, y, LossSpec(vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw))
     (base_grad,) = torch.autograd.grad(base.weighted_sum, s)
 
     # Different padded widths, padding rows holding huge or infinite junk.
@@ -215,7 +215,7 @@ def test_vocab_padding_changes_nothing(kind, kw):
     junk_t = torch.tensor([float("inf"), 1e9, 0.0, float("nan"), -1e30]).expand(N, 5)
     s_pad = torch.cat([s.detach(), junk_s], 1).requires_grad_()
     t_pad = torch.cat([t, junk_t], 1)
-    padded = kd_loss(s_pad, t_pad, y, vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw)
+    padded = kd_loss(s_pad, t_pad, y, LossSpec(vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw))
     (pad_grad,) = torch.autograd.grad(padded.weighted_sum, s_pad)
     for a, b in [(base.weighted_sum, padded.weighted_sum), (base.ce_sum, padded.ce_sum), (base.kd_sum, padded.kd_sum)]:
         assert torch.equal(a, b)
@@ -228,8 +228,8 @@ def test_bf16_inputs_compute_in_fp32(kind, kw):
     s, t, y = _logits(11)
     s16, t16 = s.bfloat16().requires_grad_(), t.bfloat16()
     s32 = s16.detach().float().requires_grad_()
-    out16 = kd_loss(s16, t16, y, vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw)
-    out32 = kd_loss(s32, t16.float(), y, vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw)
+    out16 = kd_loss(s16, t16, y, LossSpec(vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw))
+    out32 = kd_loss(s32, t16.float(), y, LossSpec(vocab_size=V, alpha=0.5, temperature=2.0, divergence=kind, **kw))
     for part in (out16.weighted_sum, out16.ce_sum, out16.kd_sum):
         assert part.dtype == torch.float32
     assert torch.equal(out16.weighted_sum, out32.weighted_sum)
@@ -253,7 +253,7 @@ def test_neg_inf_logits_never_give_nan(kind, kw, temperature):
     t[4, 1:] = NEG_INF  # a one-hot teacher row
     s.requires_grad_()
     t.requires_grad_()
-    out = kd_loss(s, t, y, vocab_size=V, alpha=0.5, temperature=temperature, divergence=kind, **kw)
+    out = kd_loss(s, t, y, LossSpec(vocab_size=V, alpha=0.5, temperature=temperature, divergence=kind, **kw))
     assert not torch.isnan(out.weighted_sum) and not torch.isnan(out.kd_sum) and not torch.isnan(out.ce_sum)
     gs, gt = torch.autograd.grad(out.weighted_sum, (s, t))
     assert torch.isfinite(gs).all() and torch.isfinite(gt).all()
@@ -274,7 +274,7 @@ def test_gradcheck_float64(kind, kw):
         kd = divergence_from_logprobs(
             F.log_softmax(t / temperature, -1), F.log_softmax(s / temperature, -1), kind, **kw
         ).sum()
-        return mix(ce, kd, alpha, temperature)
+        return LossSpec(1, alpha=alpha, temperature=temperature).mix(ce, kd)
 
     assert torch.autograd.gradcheck(loss, (s, t), fast_mode=True)
 
@@ -285,7 +285,7 @@ def test_gradient_matches_float64_reference():
     s32 = s.clone().requires_grad_()
     s64 = s.double().requires_grad_()
     for kind, kw in CASES:
-        out = kd_loss(s32, t, y, vocab_size=V, alpha=0.3, temperature=2.0, divergence=kind, **kw)
+        out = kd_loss(s32, t, y, LossSpec(vocab_size=V, alpha=0.3, temperature=2.0, divergence=kind, **kw))
         ref = 0.3 * ref_ce(s64, y).sum() + 0.7 * 4.0 * ref_divergence(t, s64, kind, 2.0, **kw).sum()
         (g32,) = torch.autograd.grad(out.weighted_sum, s32)
         (g64,) = torch.autograd.grad(ref, s64)
@@ -294,7 +294,7 @@ def test_gradient_matches_float64_reference():
 
 def test_empty_batch():
     s = torch.zeros(0, V, requires_grad=True)
-    out = kd_loss(s, torch.zeros(0, V), torch.zeros(0, dtype=torch.long), vocab_size=V, alpha=0.5)
+    out = kd_loss(s, torch.zeros(0, V), torch.zeros(0, dtype=torch.long), LossSpec(vocab_size=V, alpha=0.5))
     assert isinstance(out, LossParts) and out.n_tokens == 0
     assert out.weighted_sum.item() == 0.0 and out.kd_sum.item() == 0.0
     out.weighted_sum.backward()
@@ -304,7 +304,7 @@ def test_empty_batch():
 def test_unknown_divergence():
     s, t, y = _logits(15)
     with pytest.raises(ValueError, match="unknown divergence"):
-        kd_loss(s, t, y, vocab_size=V, alpha=0.5, divergence="kl")
+        kd_loss(s, t, y, LossSpec(vocab_size=V, alpha=0.5, divergence="kl"))
     assert len(DIVERGENCES) == 6
 
 

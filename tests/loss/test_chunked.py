@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kd.chunked
-from kd.chunked import chunked_kd_loss
-from kd.losses import DIVERGENCES, kd_loss
+import kd.loss.chunked
+from kd.loss.chunked import chunked_kd_loss
+from kd.loss.dense import DIVERGENCES, kd_loss
+from kd.loss.spec import LossSpec
 
 V, VS, VT = 50, 53, 57  # real vocabulary, padded student and teacher embedding widths
 HS, HT = 16, 24
@@ -28,7 +29,7 @@ DIV_IDS = [k + "".join(f"-{a}={b}" for a, b in kw.items()) for k, kw in DIV_CASE
 @pytest.fixture(autouse=True)
 def small_row_blocks(monkeypatch):
     # Blocks of 4 rows, so the per-chunk elementwise loop runs several (uneven) steps.
-    monkeypatch.setattr(kd.chunked, "_ROW_BLOCK_BYTES", {"cpu": 4 * 4 * V})
+    monkeypatch.setattr(kd.loss.chunked, "_ROW_BLOCK_BYTES", {"cpu": 4 * 4 * V})
 
 
 def make_inputs(n=N, *, seed=0, dtype=torch.float32, bias=False, scale=1.0):
@@ -59,7 +60,7 @@ def dense_loss(x, **kw):
     t_logits = None
     if x["teacher_hidden"] is not None:
         t_logits = F.linear(x["teacher_hidden"], x["teacher_weight"], x.get("teacher_bias"))
-    return kd_loss(s_logits, t_logits, x["labels"], **kw)
+    return kd_loss(s_logits, t_logits, x["labels"], LossSpec(**kw))
 
 
 def chunked_loss(x, chunk_size, **kw):
@@ -69,10 +70,9 @@ def chunked_loss(x, chunk_size, **kw):
         x["teacher_hidden"],
         x["teacher_weight"],
         x["labels"],
-        chunk_size=chunk_size,
+        LossSpec(chunk_size=chunk_size, **kw),
         student_bias=x.get("student_bias"),
         teacher_bias=x.get("teacher_bias"),
-        **kw,
     )
 
 
@@ -134,9 +134,9 @@ def test_ignored_labels_match_dense():
     x = make_inputs(seed=3)
     x["labels"][::3] = -100
     assert_same(x, 4, vocab_size=V, alpha=0.5, temperature=2.0)
-    x["labels"][:] = -100  # every row masked: no CE at all, the divergence still counts
+    x["labels"][:] = -100  # every row masked: nothing counts (tests/loss/test_contract.py)
     out = assert_same(x, 4, vocab_size=V, alpha=0.5)
-    assert out.ce_sum.item() == 0.0 and out.kd_sum.item() > 0.0
+    assert out.ce_sum.item() == 0.0 and out.kd_sum.item() == 0.0 and out.n_tokens == 0
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from conftest import PY, ROOT, tiny_overrides
-from kd import sweep as ks
+from kd.tools import sweep as ks
 from kd.config import load_config
-from kd.train import parse_args
+from kd.cli import parse_args
 
 SWEEPS = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
 
@@ -105,7 +105,7 @@ def test_offline_sweep_runs_four_trials_from_one_cache_without_the_teacher(small
     for t in trials:
         log = (Path(t["output_dir"]) / "trial.log").read_text()
         assert "no teacher loaded" in log and "accelerate launch kd/train.py" in log
-    from kd.report import report
+    from kd.tools.report import report
 
     pngs = report(out)
     assert [p.name for p in pngs] == ["sweep_eval_ce.png", "sweep_curves.png"]

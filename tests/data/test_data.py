@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd import demo, templates
 from kd.config import DataConfig
 from kd.data import (MicroBatchSampler, build_datasets, collate, erase_coin, eval_batches, fit_length,
                      load_records, render_views, tokenize_dataset)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kd import tasks
-from kd.tokenizer_build import DEFAULT_DIR as TOKENIZER_DIR
+from kd.demo import tasks
+from kd.demo.tokenizer import DEFAULT_DIR as TOKENIZER_DIR
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo"
 CELLS = [(f, s) for f in tasks.FAMILIES for s in tasks.STRATEGIES]
 MAX_RESPONSE_TOKENS = 160
@@ -253,7 +253,7 @@ def test_response_and_chat_lengths(tok, sample):
 
 def test_tokenizer_rebuild_is_byte_identical(tmp_path):
     # Subprocess: the build sets RAYON_NUM_THREADS, which must not leak into the test process.
-    subprocess.run([sys.executable, "-m", "kd.tokenizer_build", str(tmp_path)], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "kd.demo.tokenizer", str(tmp_path)], check=True, cwd=ROOT)
     shipped = sorted(p.name for p in TOKENIZER_DIR.iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == shipped
     for name in shipped:

@@ -9,9 +9,9 @@ import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import ACCELERATE, PY, ROOT, free_port
-from kd import demo
+from kd.demo import builtin
 from kd.config import load_config
-from kd.plan import GiB, plan
+from kd.tools.plan import GiB, plan
 
 BIG = "configs/llama2-70b-to-7b.yaml"
 
@@ -42,7 +42,7 @@ def test_cli_prints_the_verdict():
 def mid_models(tmp_path_factory):
     """~57M teacher and ~26M student: big enough that tensors dominate the CPU runtime's noise."""
     d = tmp_path_factory.mktemp("mid")
-    tok = AutoTokenizer.from_pretrained(demo.resolve("builtin:tokenizer"))
+    tok = AutoTokenizer.from_pretrained(builtin.resolve("builtin:tokenizer"))
     for name, h, inter in (("teacher", 768, 2048), ("student", 512, 1376)):
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=h, intermediate_size=inter, num_hidden_layers=8,
                           num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,

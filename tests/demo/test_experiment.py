@@ -8,7 +8,7 @@ import subprocess
 
 from conftest import PY, ROOT
 
-from kd import experiment
+from kd.demo import experiment
 
 
 def test_mean_std_and_format():
@@ -34,7 +34,7 @@ def test_settings_overrides():
 
 
 def test_experiment_configs_are_complete_and_distinct():
-    from kd import demo
+    from kd.demo import builtin
 
     configs = sorted((ROOT / "configs/experiment").glob("*.yaml"))
     assert len(configs) >= 2
@@ -46,7 +46,7 @@ def test_experiment_configs_are_complete_and_distinct():
         for key in ("train_prompts", "eval_data", "base_config"):
             assert (ROOT / s[key]).is_file(), (path.name, key)
         for key in ("teacher", "student"):
-            assert s[key] in demo.builtin_names(), (path.name, key)
+            assert s[key] in builtin.builtin_names(), (path.name, key)
         assert s["seeds"] >= 3 and set(s["variants"]) == {"ce_erase", "kd_erase", "kd_noerase"}
         reports.add(s["report"])
     assert len(reports) == len(configs)  # each config writes its own results file

@@ -1,0 +1,147 @@
+"""Build a teacher cache: run the teacher over the tokenised splits, write top-k shards."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from kd.cache.store import (MANIFEST, CacheError, _diff, _settings, _teacher_files_sha256, _write_json, _write_shard,
+                            read_manifest, shard_name)
+from kd.forward import fp32_logits, head, teacher_forward
+from kd.loss.topk import teacher_topk
+
+# rows of teacher logits materialised at once while building (bounds the [rows, V] fp32 buffer)
+_BUILD_ROWS = 2048
+
+
+@torch.no_grad()
+def _shard_tensors(teacher, examples: list[dict], pad_id: int, k: int, temps: list[float], vocab: int,
+                   batch_size: int, ids_dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    from kd.data import collate
+
+    t_head = head(teacher)
+    ids, logits, tails = [], [], []
+    for b in range(0, len(examples), batch_size):
+        batch = collate(examples[b:b + batch_size], pad_id)
+        batch = {key: v.to(device) for key, v in batch.items()}
+        hidden = teacher_forward(teacher, batch)
+        for r in range(0, hidden.shape[0], _BUILD_ROWS):
+            top = teacher_topk(fp32_logits(hidden[r:r + _BUILD_ROWS], t_head), k, vocab, temps)
+            ids.append(top.ids.to(ids_dtype).cpu())
+            logits.append(top.logits.cpu())
+            tails.append(top.tail_lse.cpu())
+    n = torch.tensor([e["n_response"] for e in examples], dtype=torch.long)
+    return {"ids": torch.cat(ids), "logits": torch.cat(logits), "tail_lse": torch.cat(tails),
+            "example_ids": torch.tensor([e["example_id"] for e in examples], dtype=torch.long),
+            "offsets": torch.cat([n.new_zeros(1), n.cumsum(0)])}
+
+
+def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_examples: int = 256,
+                batch_size: int | None = None, device_map: str | None = None, log=print) -> dict:
+    """Run the teacher over the teacher views of the train (and eval) split and write the cache
+    to cfg.teacher.cache. Collective under `accelerate launch`: shard i goes to rank i % world.
+    Finished shards are skipped (the teacher is not even loaded if none is left). -> manifest."""
+    from accelerate import PartialState
+
+    from kd.data import build_datasets
+    from kd.models import check_same_tokenizer, check_vocab, load_model, load_tokenizer, resolve, resolve_dtype
+
+    if not cfg.teacher.cache:
+        raise CacheError("set teacher.cache=<directory> (or --out) to say where the cache goes")
+    out = Path(cfg.teacher.cache)
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cpu = not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, **({"backend": "gloo"} if multi and cpu else {}))  # gloo: CPU ranks form one group
+    rank, world = state.process_index, state.num_processes
+    say = log if state.is_main_process else (lambda *a: None)
+
+    tok = load_tokenizer(cfg.student.name_or_path, cfg.data.chat_template)
+    check_same_tokenizer(tok, load_tokenizer(cfg.teacher.name_or_path, cfg.data.chat_template),
+                         cfg.student.name_or_path, cfg.teacher.name_or_path)
+    vocab = len(tok)
+    if not 1 <= k <= vocab:
+        raise CacheError(f"--k must be in [1, {vocab}] (the vocabulary size), got {k}")
+    if shard_examples < 1:
+        raise CacheError("--shard-examples must be >= 1")
+    temps = sorted({1.0, *(float(t) for t in tail_temperatures)})
+    if temps[0] <= 0:
+        raise CacheError(f"--tail-temperatures must be > 0, got {tail_temperatures}")
+    train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tok, cfg.train.seed)
+    say(train_stats.summary("train data"))
+    splits = {"train": train_set}
+    if eval_set is not None:
+        say(eval_stats.summary("eval data"))
+        splits["eval"] = eval_set
+    teacher_path = resolve(cfg.teacher.name_or_path)
+    settings = _settings(cfg, tok, splits, k, temps, shard_examples, _teacher_files_sha256(teacher_path))
+
+    old = read_manifest(out)
+    if old is not None:
+        old_settings = {key: v for key, v in old.items() if key not in ("complete", "created", "build")}
+        diff = _diff(old_settings, settings)
+        if diff:
+            raise CacheError(f"{out} already holds a cache built with other settings ({'; '.join(diff[:4])}); "
+                             f"use another directory or delete it")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if old is None:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(out / MANIFEST, {**settings, "complete": False, "created": _now()})
+        for tmp in out.glob(".*.safetensors.*.tmp"):  # left by a killed build; never read, so just drop them
+            tmp.unlink(missing_ok=True)
+    state.wait_for_everyone()
+
+    shards = [(name, i) for name in splits for i in range(settings["splits"][name]["shards"])]
+    todo = [(name, i) for j, (name, i) in enumerate(shards)
+            if j % world == rank and not (out / shard_name(name, i)).exists()]
+    total = len(shards)
+    done_before = sum(1 for name, i in shards if (out / shard_name(name, i)).exists())
+    say(f"cache {out}: {total} shards, {done_before} already written, k={k}")
+    if todo:
+        dtype = resolve_dtype(cfg.teacher.dtype, state.device.type)
+        if device_map:
+            from transformers import AutoModelForCausalLM
+
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=dtype, device_map=device_map)
+        else:
+            teacher = load_model(cfg.teacher.name_or_path, dtype, cfg.teacher.attn_implementation, "teacher")
+            teacher.to(state.device)
+        check_vocab(teacher, vocab, "teacher")
+        teacher.eval().requires_grad_(False)
+        device = teacher.device if device_map else state.device
+        ids_dtype = getattr(torch, settings["ids_dtype"])
+        bs = batch_size or cfg.train.micro_batch_size
+        for name, i in todo:
+            t0 = time.perf_counter()
+            ds = splits[name]
+            rows = ds.select(range(i * shard_examples, min(len(ds), (i + 1) * shard_examples)))
+            tensors = _shard_tensors(teacher, list(rows), tok.pad_token_id, k, temps, vocab, bs, ids_dtype, device)
+            _write_shard(out / shard_name(name, i), tensors, {"split": name, "shard": str(i), "k": str(k)})
+            dt = time.perf_counter() - t0
+            log(f"[rank {rank}] {shard_name(name, i)}: {len(rows)} examples, {tensors['ids'].shape[0]} tokens "
+                f"in {dt:.1f}s")
+    state.wait_for_everyone()
+    manifest = read_manifest(out)
+    if state.is_main_process:
+        missing = [shard_name(n, i) for n in splits for i in range(settings["splits"][n]["shards"])
+                   if not (out / shard_name(n, i)).exists()]
+        if missing:
+            raise CacheError(f"{len(missing)} shards missing after the build (first: {missing[0]}); rerun to finish")
+        manifest = {**manifest, "complete": True, "build": {"world_size": world, "finished": _now()}}
+        _write_json(out / MANIFEST, manifest)
+        nbytes = sum((out / shard_name(n, i)).stat().st_size for n in splits
+                     for i in range(settings["splits"][n]["shards"]))
+        tokens = sum(s["tokens"] for s in settings["splits"].values())
+        say(f"cache {out} complete: {tokens} response tokens, {nbytes / 2**20:.1f} MiB, "
+            f"{nbytes / max(tokens, 1):.1f} bytes/token")
+    state.wait_for_everyone()
+    return read_manifest(out)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+

@@ -1,0 +1,278 @@
+"""The cache on disk: manifest, identities and fingerprints, shard files, and the reader.
+
+Build it (every rank writes its own shards; a rerun skips the shards already written):
+
+    python -m kd.cache --config configs/demo.yaml teacher.cache=runs/cache/demo --k 64
+    accelerate launch -m kd.cache --config configs/<name>.yaml teacher.cache=<dir> --k 64
+
+then train with the same config and `teacher.cache=<dir>`: no teacher is loaded, the divergence
+is computed from the cache (`topk_kd_loss`), and eval uses the cached eval split.
+
+Directory layout
+----------------
+    manifest.json               teacher identity, tokenizer hash, k, data settings and length
+                                limits, erasure settings, per-split fingerprints; "complete": true
+                                once every shard exists (an incomplete cache is refused)
+    train-00000.safetensors     shard i holds examples [i*S, (i+1)*S) of the tokenised split
+    eval-00000.safetensors
+
+Per response token a shard stores the teacher's (fp32, vocabulary cut to the tokenizer's)
+    ids       [k]  top-k token ids, sorted by logit (int16 when V <= 32768, else int32)
+    logits    [k]  their raw logits (T = 1)
+    tail_lse  [m]  log sum_{j not in top-k} exp(z_j / T) for each of the m `tail_temperatures`
+                   (--tail-temperatures, default 1,2,4,8): the exact mass of the other V - k
+                   tokens at those temperatures
+plus per example `example_ids` and row `offsets`. Bytes per token: k * (2 or 4) + 4k + 4m.
+Shards are written to a hidden temporary name and renamed into place (atomic), so a killed build
+never leaves a half-written shard under a name that is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from kd.checkpoint import fsync_dir
+from kd.errors import KDError
+from kd.loss.topk import CachedTopK
+
+FORMAT, VERSION = "kd-teacher-cache", 1
+MANIFEST = "manifest.json"
+
+
+class CacheError(KDError):
+    """A cache that is missing, incomplete, or does not match the run."""
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: two tokenizers with equal hashes map ids alike."""
+    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(ds) -> dict:
+    """Examples, response tokens and a hash of what the cache is keyed on: each example's id, its
+    teacher view and response length. Any change of data, template, tokenizer, length policy or
+    seed that changes what the teacher would see changes the hash."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    tokens = 0
+    cols = ["example_id", "teacher_start", "n_response"]
+    # fixed batch size: the hash covers each batch's columns in turn, so it must not vary
+    for tbl in ds.select_columns([*cols, "teacher_ids"]).with_format("arrow").iter(batch_size=4096):
+        for name in cols:
+            h.update(np.asarray(tbl.column(name).to_numpy(), dtype=np.int64).tobytes())
+        ids = tbl.column("teacher_ids").combine_chunks()
+        h.update(np.asarray(ids.value_lengths().to_numpy(), dtype=np.int64).tobytes())
+        h.update(np.asarray(ids.flatten().to_numpy(), dtype=np.int64).tobytes())
+        tokens += int(np.asarray(tbl.column("n_response").to_numpy()).sum())
+    return {"examples": len(ds), "tokens": tokens, "sha256": h.hexdigest()}
+
+
+def _teacher_files_sha256(path: str) -> str | None:
+    """config.json plus weight file names and sizes of a local model directory (cheap: the
+    weights themselves are not read), or None for a hub id."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    h = hashlib.sha256()
+    if (p / "config.json").is_file():
+        h.update((p / "config.json").read_bytes())
+    for f in sorted(p.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt"):
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _settings(cfg, tokenizer, splits: dict, k: int, tail_temperatures: list[float], shard_examples: int,
+              teacher_sha: str | None) -> dict:
+    d = cfg.data
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": {"name_or_path": cfg.teacher.name_or_path, "dtype": cfg.teacher.dtype, "files_sha256": teacher_sha},
+        "tokenizer": {"name_or_path": cfg.student.name_or_path, "sha256": tokenizer_sha256(tokenizer),
+                      "vocab_size": len(tokenizer)},
+        "k": k,
+        "tail_temperatures": tail_temperatures,
+        "ids_dtype": "int16" if len(tokenizer) <= 2**15 else "int32",
+        "shard_examples": shard_examples,
+        "data": {"train_files": list(d.train_files), "eval_files": list(d.eval_files), "dataset": d.dataset,
+                 "dataset_config": d.dataset_config, "train_split": d.train_split, "eval_split": d.eval_split,
+                 "eval_fraction": d.eval_fraction, "chat_template": d.chat_template, "seed": cfg.train.seed},
+        "length": {"max_length": d.max_length, "min_prompt_tokens": d.min_prompt_tokens},
+        "erasure": {"erase_strategy": d.erase_strategy, "generic_system": d.generic_system},
+        "splits": {name: {**dataset_fingerprint(ds), "shards": -(-len(ds) // shard_examples)}
+                   for name, ds in splits.items()},
+    }
+
+
+def _diff(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(old.keys() | new.keys()):
+            out += _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}-{i:05d}.safetensors"
+
+
+def _replace_atomic(tmp: Path, final: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; a shared cache must be readable
+    with open(tmp, "rb+") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    _replace_atomic(tmp, path)
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _replace_atomic(tmp, path)
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    try:
+        return json.loads((Path(path) / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise CacheError(f"{Path(path) / MANIFEST}: unreadable manifest ({e})") from None
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class TeacherCache:
+    """A validated, complete cache. `lookup(batch, split)` -> CachedTopK for the batch's rows."""
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.k = manifest["k"]
+        self.tail_temperatures = torch.tensor(manifest["tail_temperatures"], dtype=torch.float32)
+        self._files: dict[tuple[str, int], object] = {}
+        self._index: dict[str, dict[int, tuple[int, int, int]]] = {}
+        from safetensors import safe_open
+
+        for split, info in manifest["splits"].items():
+            index = self._index[split] = {}
+            for i in range(info["shards"]):
+                f = self._file(split, i, safe_open)
+                eids, offs = f.get_tensor("example_ids").tolist(), f.get_tensor("offsets").tolist()
+                for j, eid in enumerate(eids):
+                    index[eid] = (i, offs[j], offs[j + 1] - offs[j])
+
+    def _file(self, split: str, i: int, opener=None):
+        key = (split, i)
+        if key not in self._files:
+            if opener is None:
+                from safetensors import safe_open as opener
+            path = self.path / shard_name(split, i)
+            try:
+                f = opener(str(path), framework="pt")
+            except Exception as e:  # missing or truncated file
+                raise CacheError(f"cannot read cache shard {path}: {str(e).splitlines()[0][:200]}") from None
+            self._files[key] = (f, f.get_slice("ids"), f.get_slice("logits"), f.get_slice("tail_lse"))
+        return self._files[key][0]
+
+    @classmethod
+    def open(cls, cfg, tokenizer, train_set, eval_set=None) -> "TeacherCache":
+        """Open cfg.teacher.cache and check that it was built for this run: same teacher, tokenizer,
+        length limits and data (per-split fingerprints of the teacher views). A mismatch raises
+        CacheError with one line saying what differs."""
+        path = Path(cfg.teacher.cache)
+        m = read_manifest(path)
+        if m is None:
+            raise CacheError(f"teacher.cache={path}: no {MANIFEST} there; build it with "
+                             f"`python -m kd.cache --config <config> teacher.cache={path}`")
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise CacheError(f"{path}: not a version-{VERSION} {FORMAT} (format {m.get('format')!r}, "
+                             f"version {m.get('version')!r})")
+        if not m.get("complete"):
+            raise CacheError(f"{path}: the cache is incomplete (its build was interrupted); rerun the same "
+                             f"kd.cache command to finish it")
+        where = f"cache {path}"
+        if m["tokenizer"]["sha256"] != tokenizer_sha256(tokenizer):
+            raise CacheError(f"{where} was built with a different tokenizer ({m['tokenizer']['name_or_path']!r}, "
+                             f"{m['tokenizer']['vocab_size']} tokens) than this run's "
+                             f"({cfg.student.name_or_path!r}, {len(tokenizer)} tokens)")
+        if m["teacher"]["name_or_path"] != cfg.teacher.name_or_path:
+            raise CacheError(f"{where} holds the logits of teacher {m['teacher']['name_or_path']!r}, but "
+                             f"teacher.name_or_path is {cfg.teacher.name_or_path!r}")
+        for key, built in m["length"].items():
+            now = getattr(cfg.data, key)
+            if built != now:
+                raise CacheError(f"{where} was built with data.{key}={built}, this run has data.{key}={now}; "
+                                 f"rebuild the cache or set data.{key}={built}")
+        run_splits = {"train": train_set, **({"eval": eval_set} if eval_set is not None else {})}
+        for split, ds in run_splits.items():
+            if split not in m["splits"]:
+                raise CacheError(f"{where} has no {split} split (built without eval data); rebuild it with "
+                                 f"this run's data settings")
+            fp, built = dataset_fingerprint(ds), m["splits"][split]
+            if fp["sha256"] != built["sha256"]:
+                src = m["data"]["train_files"] or m["data"]["dataset"]
+                raise CacheError(
+                    f"{where} was built from different data: {split} split fingerprint differs (cache: {src}, "
+                    f"seed {m['data']['seed']}, {built['examples']} examples, {built['tokens']} response tokens; "
+                    f"this run: {fp['examples']} examples, {fp['tokens']} response tokens); rebuild the cache "
+                    f"with this run's data settings")
+        return cls(path, m)
+
+    def lookup(self, batch: dict, split: str) -> CachedTopK:
+        """Cached rows for the batch's label rows, in order, on the batch's device."""
+        dev = batch["labels"].device
+        index = self._index.get(split)
+        if index is None:
+            raise CacheError(f"cache {self.path} has no {split} split")
+        ids, logits, tails = [], [], []
+        for eid, n in zip(batch["example_ids"].tolist(), batch["n_response"].tolist()):
+            hit = index.get(eid)
+            if hit is None or hit[2] != n:
+                raise CacheError(f"cache {self.path}: {split} example {eid} is "
+                                 f"{'missing' if hit is None else f'cached with {hit[2]} response tokens, not {n}'}")
+            i, start, _ = hit
+            self._file(split, i)
+            _, s_ids, s_logits, s_tail = self._files[(split, i)]
+            ids.append(s_ids[start:start + n])
+            logits.append(s_logits[start:start + n])
+            tails.append(s_tail[start:start + n])
+        temps = self.tail_temperatures.to(dev)
+        if not ids:
+            return CachedTopK(torch.zeros(0, self.k, dtype=torch.long, device=dev), torch.zeros(0, self.k, device=dev),
+                              torch.zeros(0, len(temps), device=dev), temps)
+        return CachedTopK(torch.cat(ids).to(dev).long(), torch.cat(logits).to(dev), torch.cat(tails).to(dev), temps)
+
+    def describe(self) -> str:
+        m = self.manifest
+        tokens = sum(s["tokens"] for s in m["splits"].values())
+        splits = ", ".join(f"{n} {s['examples']} examples" for n, s in m["splits"].items())
+        return (f"teacher: cached top-{self.k} logits of {m['teacher']['name_or_path']!r} from {self.path} "
+                f"({splits}, {tokens} response tokens); no teacher loaded")
+

@@ -1,0 +1,113 @@
+"""Batches: collate two views with aligned response indices; the resumable micro-batch sampler."""
+
+from __future__ import annotations
+
+import torch
+
+from kd.errors import DataError
+
+
+def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -> dict:
+    """Right-pad each view; flat indices of the positions that predict response tokens, aligned
+    1:1 between views. `keep[i] = False` runs example i through the models but contributes no
+    tokens (used to give every rank the same number of forwards)."""
+    keep = keep or [True] * len(examples)
+    out = {}
+    for view in ("teacher", "student"):
+        seqs = [e[f"{view}_ids"] for e in examples]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        index = []
+        for b, (seq, e, k) in enumerate(zip(seqs, examples, keep)):
+            ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[b, : len(seq)] = 1
+            if k:
+                start = e[f"{view}_start"]
+                # position t predicts token t+1: the response [start, start+n) is predicted from
+                # positions [start-1, start+n-1)
+                index.append(torch.arange(start - 1, start - 1 + e["n_response"]) + b * width)
+        out[f"{view}_input_ids"] = ids
+        out[f"{view}_attention_mask"] = mask
+        out[f"{view}_index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    labels = [torch.tensor(e["student_ids"][e["student_start"]:], dtype=torch.long) for e, k in zip(examples, keep) if k]
+    out["labels"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    # which examples the label rows come from (in order), e.g. to look up cached teacher outputs
+    out["example_ids"] = torch.tensor([e.get("example_id", -1) for e, k in zip(examples, keep) if k], dtype=torch.long)
+    out["n_response"] = torch.tensor([e["n_response"] for e, k in zip(examples, keep) if k], dtype=torch.long)
+    return out
+
+
+class MicroBatchSampler:
+    """Micro-batch k of this rank, as a pure function of k.
+
+    Each epoch is a seeded permutation; global micro-batch j of the epoch is the slice
+    [j*B*W, (j+1)*B*W) and rank r takes its r-th block of B. One optimizer step consumes the same
+    examples whatever the split into micro-batch size, accumulation and ranks, and resuming only
+    needs k. An epoch is a whole number of optimizer steps (so epoch boundaries fall on the same
+    step for every split); its incomplete tail is skipped, and every rank runs the same forwards.
+    """
+
+    def __init__(self, n: int, micro_batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True, accum: int = 1):
+        self.n, self.mb, self.world, self.rank, self.seed, self.shuffle = n, micro_batch_size, world_size, rank, seed, shuffle
+        self.per_epoch = n // (micro_batch_size * world_size * accum) * accum
+        if self.per_epoch == 0:
+            raise DataError(f"only {n} training examples, fewer than one optimizer step's global batch "
+                            f"({micro_batch_size} x {accum} accumulation x {world_size} processes)")
+        self._epoch, self._perm = None, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._perm = torch.randperm(self.n, generator=g).tolist()
+            else:
+                self._perm = list(range(self.n))
+            self._epoch = epoch
+        return self._perm
+
+    def indices(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.per_epoch)
+        start = (j * self.world + self.rank) * self.mb
+        return self._permutation(epoch)[start : start + self.mb]
+
+    def epoch_of(self, k: int) -> float:
+        return k / self.per_epoch
+
+
+class _Stream(torch.utils.data.Sampler):
+    def __init__(self, sampler: MicroBatchSampler, start: int, stop: int):
+        self.sampler, self.start, self.stop = sampler, start, stop
+
+    def __iter__(self):
+        return (self.sampler.indices(k) for k in range(self.start, self.stop))
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def train_loader(dataset, sampler: MicroBatchSampler, pad_id: int, start: int, stop: int):
+    """Micro-batches start..stop-1 of this rank (a DataLoader, so workers/pinning can be added)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=_Stream(sampler, start, stop), collate_fn=lambda ex: collate(ex, pad_id)
+    )
+
+
+def eval_batches(dataset, micro_batch_size: int, world_size: int, rank: int, pad_id: int, max_batches: int = 0):
+    """This rank's share of the eval set, in order. Every rank yields the same number of batches;
+    a rank with nothing left re-runs example 0 with no tokens counted."""
+    n = len(dataset)
+    per_step = micro_batch_size * world_size
+    n_batches = -(-n // per_step)
+    if max_batches:
+        n_batches = min(n_batches, max_batches)
+    for j in range(n_batches):
+        idx = [j * per_step + rank * micro_batch_size + i for i in range(micro_batch_size)]
+        keep = [i < n for i in idx]
+        if not any(keep):
+            keep, idx = [False], [0]
+        else:
+            idx = [i for i, k in zip(idx, keep) if k]
+            keep = [True] * len(idx)
+        yield collate([dataset[i] for i in idx], pad_id, keep)
