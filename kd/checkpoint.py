@@ -1,24 +1,56 @@
-"""Atomic checkpoints on top of accelerate's save_state/load_state, and the final HF export.
+"""Checkpoints that are atomic, verified and pickle-free, and the final HF export.
 
 Layout under <output_dir>/checkpoints/:
-    step_00000050/   model, optimizer, scheduler, per-rank RNG states, trainer_state.json
-    latest           text file naming the newest *complete* checkpoint directory
+    step_00000050/
+        model.safetensors       the Distiller's (student's) weights        } single process / DDP
+        optimizer.safetensors   optimizer tensors; its structure as JSON    } (rank 0 writes)
+        engine/                 DeepSpeed's own files (per-rank partitions) under DeepSpeed
+        rng_00000.safetensors   each rank's RNG states (torch tensors; python/numpy as JSON)
+        trainer_state.json      step, world size, schedule length, the resolved config
+        checksums.json          size and XXH3-128 hash of every other file (written last)
+    latest                      text file naming the newest complete checkpoint directory
 
-A checkpoint is written to a hidden temporary directory and renamed into place only after every
-rank has finished writing; `latest` is then replaced atomically. A kill at any moment leaves the
-previous `latest` intact, and a half-written directory is never read.
+A checkpoint is written to a hidden `.step_N.partial/` directory and renamed into place only after
+every rank has finished writing and the checksums are recorded; `latest` is then replaced
+atomically. A kill at any moment leaves the previous checkpoint intact.
+
+Resume verifies a checkpoint before loading anything: every file of checksums.json present, with
+its size and hash. A damaged or incomplete one is reported in one line and the newest older one
+that verifies is used. Nothing kd writes is a pickle, and nothing is unpickled on resume, except
+inside DeepSpeed's own engine files, which are loaded with torch's `weights_only=True` unpickler
+(tensors and plain containers only) after their checksums matched.
+
+The LR schedule is not stored: it is a pure function of (config, step, schedule length), rebuilt
+on resume, so a changed `optim.lr` really takes effect when the config change is allowed.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+import xxhash
+
+from kd.distributed import first_failure, is_deepspeed
 from kd.errors import KDError
 
 STATE_FILE = "trainer_state.json"
+CHECKSUMS = "checksums.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+ENGINE_DIR = "engine"
+ENGINE_TAG = "state"
+_BLOCK = 16 * 2**20
+
+
+class CheckpointError(KDError):
+    """A checkpoint that cannot be written or used (disk full, damaged, none usable)."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -39,61 +71,351 @@ def _write_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
-def save(accelerator, output_dir: str, step: int, state: dict, keep: int) -> Path:
-    """Collective: every rank calls it. -> the final checkpoint directory."""
+# --------------------------------------------------------------------------- checksums
+
+
+def file_digest(path: Path) -> str:
+    """XXH3-128 of a file, read in 16 MiB blocks into one reused buffer. XXH3 hashes at ~16 GB/s
+    per core here (CRC-32 manages ~3, SHA-256 ~1.6), so verifying costs little next to writing.
+    A checksum against corruption and truncation, not a signature against tampering."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+
+
+def _hash_share(root: Path, names: list[str]) -> dict[str, dict]:
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda n: file_digest(root / n), names))
+    return {n: {"size": (root / n).stat().st_size, "xxh3_128": d} for n, d in zip(names, digests)}
+
+
+def _gather(accelerator, obj):
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def verify(accelerator, path: Path) -> str | None:
+    """Collective. None if every file of the checkpoint matches checksums.json, else what is
+    wrong (one line). Ranks check a share each and agree on the answer."""
+    problem = None
+    try:
+        record = json.loads((path / CHECKSUMS).read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        problem = f"no readable {CHECKSUMS} ({type(e).__name__})"
+        record = {}
+    names = sorted(record)
+    mine = names[accelerator.process_index::accelerator.num_processes]
+    bad = []
+    for name in mine:
+        f = path / name
+        if not f.is_file():
+            bad.append(f"{name} is missing")
+        elif f.stat().st_size != record[name]["size"]:
+            bad.append(f"{name} has {f.stat().st_size} bytes, {record[name]['size']} were written")
+        elif file_digest(f) != record[name]["xxh3_128"]:
+            bad.append(f"{name} does not match its checksum")
+    found = [b for share in _gather(accelerator, bad) for b in share]
+    if problem is None and found:
+        problem = "; ".join(sorted(found)[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+    return problem
+
+
+# --------------------------------------------------------------------------- state pieces
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    import numpy as np
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": json.dumps([version, list(internal), gauss]),
+            "numpy": json.dumps([kind, keys.tolist(), pos, has_gauss, cached])}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    version, internal, gauss = json.loads(meta["python"])
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _optimizer_to_tensors(state_dict: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """torch optimizer state_dict -> flat tensors + JSON of everything else (no pickle)."""
+    tensors, scalars = {}, {}
+    for idx, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}/{key}"] = value.contiguous()
+            else:
+                scalars[f"{idx}/{key}"] = value
+    return tensors, json.dumps({"param_groups": state_dict["param_groups"], "scalars": scalars})
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], structure: str) -> dict:
+    meta = json.loads(structure)
+    state: dict[int, dict] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split("/", 1)
+        state.setdefault(int(idx), {})[key] = value
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def _engine(accelerator, model):
+    return model if is_deepspeed(accelerator) else None
+
+
+# --------------------------------------------------------------------------- save
+
+
+def save(accelerator, model, optimizer, output_dir: str, step: int, state: dict, keep: int) -> Path:
+    """Collective: every rank calls it. -> the final checkpoint directory. A write that fails
+    (e.g. a full disk) on any rank removes the partial directory on all and raises
+    CheckpointError naming the path and the free space; the previous checkpoint stays `latest`."""
+    from safetensors.torch import save_file, save_model
+
     root = Path(output_dir) / "checkpoints"
     final = root / f"step_{step:08d}"
     tmp = root / f".step_{step:08d}.partial"
+    rank = accelerator.process_index
+    failure = ""
     if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except Exception as e:  # noqa: BLE001 (any write failure becomes one line on every rank)
+            failure = _describe(e, root)
+    failure = first_failure(accelerator, failure)
+    if not failure:
+        try:
+            engine = _engine(accelerator, model)
+            if engine is not None:  # collective: every rank writes its partitions
+                engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+            elif accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+                tensors, structure = _optimizer_to_tensors(optimizer.state_dict())
+                save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"structure": structure})
+            tensors, meta = _rng_state()
+            save_file(tensors, str(tmp / f"rng_{rank:05d}.safetensors"), metadata=meta)
+        except Exception as e:  # noqa: BLE001
+            failure = _describe(e, tmp)
+    failure = first_failure(accelerator, failure)
+    if not failure:
+        # every rank has written: hash in parallel (each rank a share of the files), rank 0 records
+        names = _files(tmp) if accelerator.is_main_process else None
+        if accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            names = broadcast_object_list([names])[0]
+        shares = _gather(accelerator, _hash_share(tmp, names[rank::accelerator.num_processes]))
+        if accelerator.is_main_process:
+            try:
+                for name in names:
+                    with open(tmp / name, "rb+") as fh:
+                        os.fsync(fh.fileno())
+                _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+                record = {k: v for share in shares for k, v in share.items()}
+                record[STATE_FILE] = {"size": (tmp / STATE_FILE).stat().st_size,
+                                      "xxh3_128": file_digest(tmp / STATE_FILE)}
+                _write_atomic(tmp / CHECKSUMS, json.dumps({"files": record}, indent=1, sort_keys=True))
+                if final.exists():  # re-saving a step (e.g. end of a resumed run) replaces it
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                fsync_dir(root)
+                _write_atomic(root / "latest", final.name)
+            except Exception as e:  # noqa: BLE001
+                failure = _describe(e, tmp)
+        failure = first_failure(accelerator, failure)
+    if failure:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise CheckpointError(f"checkpoint at step {step} not saved: {failure}; the previous checkpoint is kept")
     if accelerator.is_main_process:
-        _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
-        if final.exists():  # re-saving a step (e.g. end of a resumed run) replaces it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        _write_atomic(root / "latest", final.name)
         for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def find(output_dir: str, resume: str) -> Path | None:
-    """`resume` is latest | off | a checkpoint directory. -> directory to load, or None."""
+def _describe(e: Exception, where: Path) -> str:
+    """One line for a failed write. Writers word a full disk differently (OSError ENOSPC,
+    safetensors' 'os error 28', torch.save's 'unexpected pos'), so the free space decides too."""
+    try:
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+    except OSError:
+        free = -1
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text \
+            or 0 <= free < 2**20:
+        return f"no space left on the device of {where} ({free / 2**20:.1f} MiB free)"
+    return f"{getattr(e, 'strerror', None) or text[:200]} ({getattr(e, 'filename', None) or where})"
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def candidates(output_dir: str) -> list[Path]:
+    """Checkpoint directories, the one `latest` names first, then the others newest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        found = [named] + [p for p in found if p != named]
+    return found
+
+
+def find(accelerator, output_dir: str, resume: str, say=print) -> tuple[Path, dict] | None:
+    """Collective. `resume` is latest | off | a checkpoint directory. -> (verified directory, its
+    trainer state) or None to start fresh. With `latest`, a damaged or incomplete checkpoint is
+    reported and the newest older one that verifies is used; none that verifies is an error."""
     if resume in ("off", "none", "false", "False", ""):
         return None
     if resume == "latest":
-        pointer = Path(output_dir) / "checkpoints" / "latest"
-        if not pointer.exists():
+        paths = candidates(output_dir)
+        if not paths:
             return None
-        path = pointer.parent / pointer.read_text().strip()
     else:
-        path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise KDError(f"train.resume: {path} is not a complete checkpoint (no {STATE_FILE})")
-    return path
+        paths = [Path(resume)]
+    rejected = []
+    for path in paths:
+        problem = verify(accelerator, path)
+        if problem is None:
+            try:
+                state = json.loads((path / STATE_FILE).read_text())
+            except (OSError, ValueError) as e:
+                problem = f"{STATE_FILE} unreadable ({type(e).__name__})"
+            else:
+                if rejected:
+                    say(f"resuming from {path.name} instead ({len(rejected)} newer checkpoint(s) rejected)")
+                return path, state
+        say(f"checkpoint {path} is damaged or incomplete: {problem}")
+        rejected.append(path)
+    where = "train.resume" if resume != "latest" else f"{Path(output_dir) / 'checkpoints'}"
+    raise CheckpointError(f"{where}: no checkpoint verifies ({len(rejected)} checked); start afresh with "
+                          f"train.resume=off or another train.output_dir")
 
 
-def load(accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
-    return json.loads((path / STATE_FILE).read_text())
+def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
+    """Load a verified checkpoint into the prepared model and optimizer and restore this rank's
+    RNG states (a rank beyond the recorded world size takes rank % old_world's)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, load_model
+
+    engine = _engine(accelerator, model)
+    if engine is not None:
+        with _weights_only_engine_loads(engine):
+            loaded, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if loaded is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load its engine state")
+    else:
+        device = accelerator.device
+        missing, unexpected = load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=False,
+                                         device=str(device))
+        if missing or unexpected:
+            raise CheckpointError(f"{path / MODEL_FILE} does not fit this model (missing {sorted(missing)[:3]}, "
+                                  f"unexpected {sorted(unexpected)[:3]})")
+        with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as f:
+            structure = f.metadata()["structure"]
+        optimizer.load_state_dict(_optimizer_from_tensors(load_file(str(path / OPTIMIZER_FILE), device=str(device)),
+                                                          structure))
+    rng = path / f"rng_{accelerator.process_index % max(old_world, 1):05d}.safetensors"
+    with safe_open(str(rng), framework="pt") as f:
+        meta = f.metadata()
+    _set_rng_state(load_file(str(rng)), meta)
+
+
+class _weights_only_engine_loads:
+    """DeepSpeed's checkpoint engine unpickles with weights_only=False; swap in one that loads
+    with torch's restricted unpickler (tensors, containers, a few torch/DeepSpeed value types)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __enter__(self):
+        self.saved = self.engine.checkpoint_engine
+        base = self.saved
+
+        class WeightsOnly(type(base)):
+            def load(self, path, map_location=None):
+                return _safe_torch_load(path, map_location)
+
+        self.engine.checkpoint_engine = WeightsOnly.__new__(WeightsOnly)
+        self.engine.checkpoint_engine.__dict__.update(base.__dict__)
+        return self
+
+    def __exit__(self, *exc):
+        self.engine.checkpoint_engine = self.saved
+
+
+def _safe_torch_load(path, map_location=None):
+    allowed = []
+    try:  # value types DeepSpeed writes into its state dicts; none of them runs code on load
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    with torch.serialization.safe_globals(allowed):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # an unexpected type is refused, never executed
+            raise CheckpointError(f"{path}: refused to unpickle ({str(e).splitlines()[0][:200]})") from None
+
+
+# --------------------------------------------------------------------------- export
 
 
 def export(accelerator, distiller, tokenizer, output_dir: str) -> Path:
     """The student inside the prepared Distiller -> save_pretrained + tokenizer in
-    <output_dir>/student, atomically. Collective (gathers sharded weights where needed)."""
+    <output_dir>/student, atomically. Collective (gathers sharded weights where needed).
+    Refuses (CheckpointError) to write a student with a non-finite weight."""
     out = Path(output_dir) / "student"
     tmp = Path(output_dir) / ".student.partial"
     full = accelerator.get_state_dict(distiller)
+    bad = ""
     if accelerator.is_main_process:
         prefix = "student."
         state_dict = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), "")
+    bad = first_failure(accelerator, bad)
+    if bad:
+        raise CheckpointError(f"not exporting the student: tensor {bad!r} holds non-finite values")
+    if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         student = accelerator.unwrap_model(distiller).student
         if getattr(student.config, "tie_word_embeddings", False):

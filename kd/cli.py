@@ -53,10 +53,10 @@ def quiet_libraries() -> None:
 @contextlib.contextmanager
 def one_line_errors():
     """Entry points: a KDError becomes `kd: error: ...` on stderr (once, from rank 0: every rank
-    fails the same way) and exit status 2."""
+    fails the same way) and exit status 2 (3 for non-finite values)."""
     try:
         yield
     except KDError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kd: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))

@@ -67,7 +67,7 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     """Held-out files; if empty, `eval_fraction` of the training records is held out."""
     dataset: Optional[str] = None
-    """A `datasets` name (hub or local script), used when train_files is empty."""
+    """A `datasets` hub name, used when train_files is empty."""
     dataset_config: Optional[str] = None
     """The dataset's configuration name, if it has several."""
     train_split: str = "train"
@@ -204,8 +204,24 @@ class TrainConfig:
     """latest (resume from output_dir's latest checkpoint if any), a checkpoint path, or off."""
     export: bool = True
     """Write the final student with save_pretrained + tokenizer to <output_dir>/student/."""
+    resume_changes: str = "refuse"
+    """refuse: resuming with a config that changes the trajectory (data, lengths, batch, seed,
+    models, loss, optimizer, schedule, world size) stops with the changed keys listed; allow: every
+    change takes effect (an lr change rebuilds the schedule) and is logged. train.max_steps may
+    always grow: the schedule keeps its recorded length unless changes are allowed."""
+    on_nonfinite: str = "stop"
+    """stop: a non-finite teacher output, loss or gradient norm ends the run before the step with
+    one line naming the step and the culprit (the last good checkpoint is kept); skip: that
+    optimizer step is skipped, counted and logged (not under DeepSpeed, whose engine steps inside
+    backward)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop after this many non-finite steps in a row."""
 
     def __post_init__(self):
+        _choice("train.resume_changes", self.resume_changes, ("refuse", "allow"))
+        _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        if self.max_skipped_steps < 1:
+            raise ConfigError("train.max_skipped_steps must be >= 1")
         if str(self.mixed_precision).lower() in ("false", "off"):  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
@@ -247,6 +263,25 @@ class Config:
 def _choice(key: str, value: str, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# Keys that cannot change what a resumed run computes: everything else is part of the trajectory.
+RESUME_FREE = ("train.output_dir", "train.eval_every", "train.eval_max_batches", "train.save_every",
+               "train.keep_checkpoints", "train.resume", "train.export", "train.resume_changes",
+               "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "teacher.zero3", "teacher.offload",
+               "log.")
+
+
+def trajectory_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every changed key that alters the trajectory, from two flat dicts
+    (flat_dict of the recorded and of the current config). train.max_steps is included."""
+    out = []
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE):
+            continue
+        if old.get(key) != new.get(key):
+            out.append((key, old.get(key), new.get(key)))
+    return out
 
 
 def all_keys(cls=Config, prefix: str = "") -> list[str]:

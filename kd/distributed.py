@@ -6,7 +6,7 @@ launch/<...>.yaml`); kd fills its "auto" batch/accumulation/clipping values from
 refuses explicit values that disagree. The teacher never goes through `accelerator.prepare`: it is
 its own ZeRO-3 inference engine (`deepspeed.initialize` without optimizer), built from the kd
 config, so it is partitioned across ranks whatever stage the student uses, and it is not part of
-`save_state` checkpoints.
+its checkpoints.
 """
 
 from __future__ import annotations
@@ -158,3 +158,14 @@ def memory_gib() -> tuple[float, float]:
     with open("/proc/self/statm") as fh:
         rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     return rss / 2**30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def first_failure(accelerator: Accelerator, failure: str) -> str:
+    """Every rank learns the first rank's failure message ("" if none), so a failure on one rank
+    ends all of them instead of leaving the others waiting in a collective."""
+    if accelerator.num_processes == 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    found = [f for f in gather_object([failure]) if f]
+    return found[0] if found else ""

@@ -19,32 +19,35 @@ import time
 import torch
 from accelerate.utils import set_seed
 
-from kd import checkpoint
+from kd import checkpoint, rundir
 from kd.cache.store import TeacherCache
 from kd.cache.teacher import CachedDistiller, cached_eval_sums
-from kd.config import Config, load_config, to_yaml
+from kd.config import Config, ConfigError, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
-from kd.distributed import (gathered, global_sum, is_deepspeed, local_numel, make_accelerator, memory_gib,
-                            shard_teacher, teacher_zero3_config, zero3_loading)
+from kd.distributed import (first_failure, gathered, global_sum, is_deepspeed, local_numel, make_accelerator,
+                            memory_gib, shard_teacher, teacher_zero3_config, zero3_loading)
 from kd.forward import Distiller, eval_sums, head, teacher_forward
+from kd.guard import NonFiniteError, culprit, teacher_broken, teacher_nonfinite
 from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
 from kd.preempt import StopRequest
+from kd.resume import recorded_state, schedule_after_resume
 from kd.tracking import Tracker
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config):
-    """AdamW without decay on biases and norm weights; linear warmup then cosine to min_lr_ratio."""
+def make_optimizer(model: torch.nn.Module, cfg: Config, schedule_steps: int | None = None):
+    """AdamW without decay on biases and norm weights; linear warmup then cosine to min_lr_ratio
+    over `schedule_steps` (default train.max_steps). The schedule is a pure function of the step."""
     o = cfg.optim
     params = [p for p in model.parameters() if p.requires_grad]
     matrix = lambda p: len(getattr(p, "ds_shape", p.shape)) >= 2  # noqa: E731 (ZeRO-3 params are flat)
     groups = [
-        {"params": [p for p in params if matrix(p)], "weight_decay": o.weight_decay},
-        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0},
+        {"params": [p for p in params if matrix(p)], "weight_decay": o.weight_decay, "kd_decay": True},
+        {"params": [p for p in params if not matrix(p)], "weight_decay": 0.0, "kd_decay": False},
     ]
     groups = [g for g in groups if g["params"]]  # DeepSpeed drops empty groups; the scheduler must not see them
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-    total = cfg.train.max_steps
+    total = schedule_steps or cfg.train.max_steps
 
     def lr_factor(step: int) -> float:
         if step < o.warmup_steps:
@@ -55,9 +58,22 @@ def make_optimizer(model: torch.nn.Module, cfg: Config):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
 
+def restore_schedule(optimizer, scheduler, cfg: Config, step: int) -> None:
+    """After loading optimizer state: this config's hyperparameters and the schedule at `step`
+    (the loaded param groups carry the recorded ones)."""
+    o = cfg.optim
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    scheduler.last_epoch = step
+    scheduler._last_lr = [o.lr * f(step) for f in scheduler.lr_lambdas]
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group.update(lr=lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                     weight_decay=o.weight_decay if group.get("kd_decay") else 0.0)
+
+
 def evaluate(accelerator, student, teacher_sums, dataset, cfg: Config, pad_id: int) -> dict[str, float]:
     """Held-out student CE, divergence to the teacher and top-1 agreement, per response token.
-    `teacher_sums(student, batch)` is eval_sums with the live teacher, or the cached variant."""
+    `teacher_sums(student, batch)` is eval_sums with the live teacher, or the cached variant.
+    Non-finite sums raise NonFiniteError: no metric is ever computed from them."""
     keys = ("ce", "kd", "loss", "top1_agreement", "tokens")
     totals = torch.zeros(len(keys), dtype=torch.float64, device=accelerator.device)
     student.eval()
@@ -70,6 +86,9 @@ def evaluate(accelerator, student, teacher_sums, dataset, cfg: Config, pad_id: i
         totals += torch.stack([sums[k].double() for k in keys])
     student.train()
     totals = global_sum(accelerator, totals)
+    if not torch.isfinite(totals).all():
+        bad = [k for k, v in zip(keys, totals.tolist()) if not math.isfinite(v)]
+        raise NonFiniteError(f"eval metrics are non-finite ({', '.join(bad)})")
     n = max(totals[-1].item(), 1.0)
     row = {f"eval/{k}": totals[i].item() / n for i, k in enumerate(keys[:-1])}
     row["eval/ppl"] = math.exp(min(row["eval/ce"], 50.0))
@@ -77,15 +96,39 @@ def evaluate(accelerator, student, teacher_sums, dataset, cfg: Config, pad_id: i
     return row
 
 
+def open_run_dir(accelerator, cfg: Config) -> rundir.RunLock:
+    """Check and lock output_dir (rank 0); every rank learns of a failure."""
+    lock, failure, note = rundir.RunLock(cfg.train.output_dir), "", None
+    if accelerator.is_main_process:
+        try:
+            rundir.prepare(cfg.train.output_dir)
+            note = lock.acquire()
+        except rundir.RunDirError as e:
+            failure = str(e)
+        except OSError as e:
+            failure = f"train.output_dir={cfg.train.output_dir}: {e.strerror}"
+    failure = first_failure(accelerator, failure)
+    if failure:
+        raise rundir.RunDirError(failure)
+    if note:
+        print(note, flush=True)
+    return lock
+
+
 def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
-    out = Path(cfg.train.output_dir)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-    accelerator.wait_for_everyone()
+    lock = open_run_dir(accelerator, cfg)
     tracker = Tracker(accelerator, cfg)
+    if cfg.train.on_nonfinite == "skip" and is_deepspeed(accelerator):
+        raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
+                          "backward); use stop")
+    # Which checkpoint (verified) and whether its settings may continue, before any model loads.
+    world = accelerator.num_processes
+    resume = checkpoint.find(accelerator, cfg.train.output_dir, cfg.train.resume, say=tracker.print)
+    schedule_steps = schedule_after_resume(cfg, resume[1], world, tracker.print) if resume else cfg.train.max_steps
+    if accelerator.is_main_process:
+        (Path(cfg.train.output_dir) / "config.yaml").write_text(to_yaml(cfg))
 
     device_type = accelerator.device.type
     base_mem = memory_gib()[0]  # before any model: what kd.plan's estimate is compared with
@@ -105,10 +148,9 @@ def train(cfg: Config) -> dict:
     cache = TeacherCache.open(cfg, tokenizer, train_set, eval_set) if cfg.teacher.cache else None
     spec = LossSpec.from_config(cfg.loss, vocab)  # one set of loss options for training and eval
     distiller = CachedDistiller(student, spec) if cache else Distiller(student, spec)
-    optimizer, scheduler = make_optimizer(distiller, cfg)
+    optimizer, scheduler = make_optimizer(distiller, cfg, schedule_steps)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
     accelerator.unwrap_model(distiller).register_zero3_head()
-    accelerator.register_for_checkpointing(scheduler)
     # The teacher's side of the loss comes from the live (sharded) teacher or from the cache.
     if cache is not None:
         tracker.print(cache.describe())
@@ -126,18 +168,26 @@ def train(cfg: Config) -> dict:
     student = accelerator.unwrap_model(distiller).student
     use_teacher = spec.needs_teacher  # CE-only training never runs the teacher forward
 
-    world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
+    accum = cfg.train.grad_accum_steps
     sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
                                 cfg.train.seed, cfg.data.shuffle, accum)
-    step = 0
-    resume_from = checkpoint.find(cfg.train.output_dir, cfg.train.resume)
-    if resume_from is not None:
-        step = checkpoint.load(accelerator, resume_from)["step"]
-        tracker.print(f"resumed from {resume_from} at step {step}")
+    step, skipped, skipped_in_row = 0, 0, 0
+    if resume is not None:
+        path, state = resume
+        checkpoint.load(accelerator, distiller, optimizer, path, state.get("world_size", world))
+        step, skipped = state["step"], state.get("skipped_steps", 0)
+        restore_schedule(optimizer, scheduler, cfg, step)
+        tracker.print(f"resumed from {path} at step {step}")
+
+    def save(at: int) -> Path:
+        return checkpoint.save(accelerator, distiller, optimizer, cfg.train.output_dir, at,
+                               recorded_state(cfg, at, world, schedule_steps, skipped), cfg.train.keep_checkpoints)
+
     tracker.start(step, cfg.train.max_steps)
     stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
     batches = iter(train_loader(train_set, sampler, pad_id, step * accum, cfg.train.max_steps * accum))
+    first_batch = True
 
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
@@ -149,28 +199,62 @@ def train(cfg: Config) -> dict:
                                           sum(int(b["student_attention_mask"].sum()) for b in micro),
                                           float(stop.requested)])
         if counts[2] > 0:
-            checkpoint.save(accelerator, cfg.train.output_dir, step, {"step": step}, cfg.train.keep_checkpoints)
+            save(step)
             tracker.print(f"stop requested ({stop.reason() or 'on another rank'}): checkpoint at "
                           f"step {step} saved; rerun the same command to resume")
             tracker.finish()
+            lock.release()
             return {"step": step, "stopped": True}
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         n_global = max(counts[0].item(), 1.0)
-        sums = torch.zeros(3, device=accelerator.device)
-        for batch in micro:
+        sums = torch.zeros(4, device=accelerator.device)  # weighted, ce, kd, teacher non-finite
+        forward_bad = None
+        for i, batch in enumerate(micro):
             # accumulate(): gradients are all-reduced (DDP) or the engine steps (DeepSpeed) only on
             # the last micro-batch; backward divides by accum and ranks average, hence the factor
             with accelerator.accumulate(distiller):
                 with accelerator.autocast():
                     t_out = teacher_outputs(batch) if use_teacher else None
+                if first_batch and use_teacher:  # a broken teacher is named at once
+                    with gathered(getattr(teacher_head, "weight", None)):
+                        broken = teacher_broken(t_out, getattr(teacher_head, "weight", None))
+                    if global_sum(accelerator, [broken])[0] > 0:
+                        raise NonFiniteError(f"step {step + 1}: the teacher's outputs are non-finite (NaN/inf) on "
+                                             f"the first batch; check the teacher's weights and dtype")
+                    first_batch = False
                 with gathered(getattr(teacher_head, "weight", None)):
                     parts = distiller(batch, t_out, teacher_head)
+                sums += torch.stack([parts["weighted_sum"].detach(), parts["ce_sum"], parts["kd_sum"],
+                                     teacher_nonfinite(t_out).to(sums.device)]).float()
+                if i == accum - 1:
+                    # The step's loss parts on all ranks, before the last backward (under DeepSpeed
+                    # the engine steps inside it): a non-finite forward is never stepped.
+                    totals = global_sum(accelerator, sums).tolist()
+                    forward_bad = culprit(totals[3], totals[:3])
+                    if forward_bad:
+                        break
                 accelerator.backward(parts["weighted_sum"] * (world * accum / n_global))
-            sums += torch.stack([parts["weighted_sum"].detach(), parts["ce_sum"], parts["kd_sum"]]).float()
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(distiller.parameters(), max_norm)  # DeepSpeed: its own norm
+        grad_norm = None
+        if not forward_bad:
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(distiller.parameters(), max_norm))  # DeepSpeed: its own
+        bad = forward_bad or (None if math.isfinite(grad_norm) else "the gradients")
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if bad and (cfg.train.on_nonfinite == "stop" or skipped_in_row + 1 >= cfg.train.max_skipped_steps):
+            tracker.finish()
+            why = "" if cfg.train.on_nonfinite == "stop" else f" ({skipped_in_row + 1} steps in a row)"
+            # DeepSpeed's engine has stepped inside backward by the time its gradient norm is known
+            taken = "applied in memory only, nothing saved" if grad_norm is not None and is_deepspeed(accelerator) \
+                else "no step taken"
+            kept = checkpoint.candidates(cfg.train.output_dir)
+            raise NonFiniteError(f"step {step + 1}: {bad} went non-finite{why}; {taken}; "
+                                 f"{'last good checkpoint ' + str(kept[0]) if kept else 'no checkpoint was written'}")
+        if bad:  # skip: this step's data is consumed, weights and optimizer state stay as they are
+            skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
+            tracker.print(f"step {step + 1}: {bad} went non-finite; step skipped ({skipped_in_row} in a row)")
+        else:
+            optimizer.step()
+            skipped_in_row = 0
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -179,26 +263,39 @@ def train(cfg: Config) -> dict:
         last = step == cfg.train.max_steps
         row = {}
         if step % cfg.log.log_every == 0 or last:
-            loss, ce, kd = (global_sum(accelerator, sums) / n_global).tolist()
+            loss, ce, kd = (v / n_global for v in totals[:3])
             dt = time.perf_counter() - t0
             row = {"train/loss": loss, "train/ce": ce, "train/kd": kd, "train/lr": lr,
-                   "train/grad_norm": float(grad_norm), "train/response_tokens": n_global,
+                   "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
+                   "train/response_tokens": n_global,
                    "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum),
+                   "train/skipped_steps": skipped,
                    "sys/peak_mem_gib": memory_gib()[1], "sys/base_mem_gib": base_mem}
+            if bad:  # never log non-finite values as if they were metrics
+                row = {k: v for k, v in row.items() if not k.startswith(("train/loss", "train/ce", "train/kd",
+                                                                         "train/grad_norm"))}
         if eval_set is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
-            row.update(evaluate(accelerator, student, teacher_sums, eval_set, cfg, pad_id))
+            try:
+                row.update(evaluate(accelerator, student, teacher_sums, eval_set, cfg, pad_id))
+            except NonFiniteError as e:
+                if cfg.train.on_nonfinite == "stop":
+                    if row:
+                        tracker.log(row, step)  # the training step itself was finite
+                    tracker.finish()
+                    raise NonFiniteError(f"step {step}: {e}; the last good checkpoint is kept") from None
+                tracker.print(f"step {step}: {e}; not logged")
         if row:
             tracker.log(row, step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
-            path = checkpoint.save(accelerator, cfg.train.output_dir, step, {"step": step},
-                                   cfg.train.keep_checkpoints)
+            path = save(step)
             tracker.print(f"step {step}: checkpoint {path}")
 
     if cfg.train.export:
         path = checkpoint.export(accelerator, distiller, tokenizer, cfg.train.output_dir)
         tracker.print(f"student exported to {path}")
     tracker.finish()
-    return {"step": step}
+    lock.release()
+    return {"step": step, "skipped_steps": skipped}
 
 
 def main(argv: list[str] | None = None) -> None:

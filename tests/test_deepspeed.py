@@ -8,6 +8,8 @@ The first DeepSpeed start on a machine JIT-builds a comm op (~60 s, cached after
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import signal
 import subprocess
 import time
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import ACCELERATE, ROOT, free_port, run_cli, tiny_overrides
+from kd.checkpoint import file_digest
 
 pytestmark = pytest.mark.slow
 DEMO = "configs/demo.yaml"
@@ -89,8 +92,6 @@ def test_zero3_killed_run_resumes_to_the_same_weights(small_data, tmp_path):
     deadline = time.time() + 600
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    import os
-
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
     proc.wait()
     assert latest.read_text() != "step_00000016", "the run finished before it could be killed"
@@ -100,3 +101,29 @@ def test_zero3_killed_run_resumes_to_the_same_weights(small_data, tmp_path):
     a, b = student_weights(ref), student_weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+
+    # DeepSpeed's engine files are the only pickles in a checkpoint: each replaced by a crafted one,
+    # even with matching checksums, is refused by the restricted unpickler and never executed
+    marker = tmp_path / "pwned"
+    step = out / "checkpoints" / latest.read_text().strip()
+    evil = pickle.dumps(Evil(f"touch {marker}"))
+    record = json.loads((step / "checksums.json").read_text())
+    engine_files = list((step / "engine").rglob("*.pt"))
+    assert engine_files
+    for f in engine_files:
+        f.write_bytes(evil)
+        record["files"][str(f.relative_to(step))] = {"size": len(evil), "xxh3_128": file_digest(f)}
+    (step / "checksums.json").write_text(json.dumps(record))
+    res = subprocess.run(ds_cmd(3, tiny_overrides(small_data, out, **extra)), cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    # (the launcher exits 1 after the ranks exit 2, and adds its own report after our line)
+    assert res.returncode != 0 and "kd: error:" in res.stderr and "refused to unpickle" in res.stderr, res.stderr[-3000:]
+    assert not marker.exists()
+
+
+class Evil:
+    def __init__(self, cmd):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))

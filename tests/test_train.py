@@ -184,7 +184,9 @@ def test_stop_request_checkpoints_and_exits_cleanly(how, small_data, tmp_path):
     assert proc.returncode == 0 and "stop requested" in stdout
     step = int((out / "checkpoints" / "latest").read_text().split("_")[1])
     assert 0 < step < 200 and not (out / "student").exists()
-    res = run_cli(args + ["train.max_steps=" + str(step + 2)])  # resumes, clears STOP, finishes
+    # shortening the run changes the schedule: an allowed change, listed on resume
+    res = run_cli(args + ["train.max_steps=" + str(step + 2), "train.resume_changes=allow"])  # resumes, clears STOP
+    assert "train.max_steps: 200 -> " in res.stdout
     assert f"at step {step}" in res.stdout and (out / "student").exists() and not (out / "STOP").exists()
 
 

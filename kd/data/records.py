@@ -47,6 +47,8 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
             builder = _BUILDERS.get(path.suffix)
             if builder is None:
                 raise DataError(f"{f}: unsupported file type (use .jsonl, .json or .parquet)")
+            if path.suffix != ".parquet" and not _has_content(path):
+                raise DataError(f"{f}: no records (the file is empty)")
             try:
                 ds = datasets.load_dataset(builder, data_files=str(path), split="train")
             except Exception as e:
@@ -80,7 +82,16 @@ def _diagnose(path: Path, exc: Exception) -> str:
                     return f"{path}:{i}: invalid JSON ({e.msg})"
                 if not isinstance(obj, dict):
                     return f"{path}:{i}: each line must be a JSON object"
-    return f"{path}: cannot read records ({str(exc).splitlines()[0][:200]})"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{path}: cannot read records ({first[:200]})"
+
+
+def _has_content(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 16):
+            if block.strip():
+                return True
+    return False
 
 
 

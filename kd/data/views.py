@@ -97,10 +97,17 @@ def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=No
     def fn(rec, idx):
         where = f"{rec['_source']} row {rec['_row']}"
         erased = erase_coin(seed, idx, p_erase)
-        t, s, r = render_views(rec, tokenizer, erase=erased, generic_system=cfg.generic_system, where=where)
-        fitted = fit_length(t, s, r, cfg.max_length, cfg.min_prompt_tokens)
         out = dict(example_id=idx, teacher_ids=[], student_ids=[], teacher_start=0, student_start=0, n_response=0,
                    erased=erased, truncated=False, drop="")
+        _, prompt_msgs, response = to_messages(rec, where)
+        if not response.strip():  # unusable rows are dropped and counted, like rows that do not fit
+            out["drop"] = "empty response"
+            return out
+        if not any(str(m["content"]).strip() for m in prompt_msgs):
+            out["drop"] = "empty prompt"
+            return out
+        t, s, r = render_views(rec, tokenizer, erase=erased, generic_system=cfg.generic_system, where=where)
+        fitted = fit_length(t, s, r, cfg.max_length, cfg.min_prompt_tokens)
         if fitted is None:
             out["drop"] = "response does not fit data.max_length"
             return out
@@ -147,4 +154,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int):
         return train, None, train_stats, None
     # eval views use seed+1 coins so they are not correlated with the training coins
     evald, eval_stats = tokenize_dataset(eval_recs, tokenizer, cfg, seed + 1, cfg.num_proc)
+    if len(evald) == 0:  # an empty eval set would report perfect scores; say so instead
+        raise DataError("no eval example survives tokenisation: " + eval_stats.summary("eval")
+                        + "; fix the eval data, or turn eval off with data.eval_fraction=0 and no data.eval_files")
     return train, evald, train_stats, eval_stats

@@ -47,23 +47,39 @@ class Shape:
 
 
 def model_shape(name_or_path: str) -> Shape:
-    """Exact parameter counts from the config, by building the model on the meta device."""
+    """Exact parameter counts from the config, by building the model on the meta device. Any
+    decoder transformers can build works; anything else is refused in one line. A local directory
+    is read without touching the network."""
+    from pathlib import Path
+
+    from torch import nn
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
+    path = resolve(name_or_path)
     try:
-        cfg = AutoConfig.from_pretrained(resolve(name_or_path))
+        cfg = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
     except Exception:
         if name_or_path not in KNOWN:
             raise KDError(f"cannot read the config of {name_or_path!r} (no hub access? use a local path)") from None
         cfg = LlamaConfig(**KNOWN[name_or_path], tie_word_embeddings=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    layers = model.base_model.layers
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:
+        raise KDError(f"kd.plan cannot plan {name_or_path!r} ({type(cfg).__name__}): transformers cannot build it as "
+                      f"a causal LM ({str(e).splitlines()[0][:150] if str(e) else type(e).__name__})") from None
+    # the decoder's layer stack: the longest ModuleList (model.layers, transformer.h, gpt_neox.layers, ...)
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not stacks or model.get_output_embeddings() is None:
+        raise KDError(f"kd.plan cannot plan {name_or_path!r} ({type(model).__name__}): no decoder layer stack "
+                      f"or output embedding found")
+    layers = max(stacks, key=len)
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
     return Shape(
         params=sum(p.numel() for p in model.parameters()),
-        hidden=cfg.hidden_size,
-        intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
-        layers=cfg.num_hidden_layers,
+        hidden=hidden,
+        intermediate=getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden,
+        layers=len(layers),
         vocab_rows=model.get_output_embeddings().weight.shape[0],
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
         heads=cfg.num_attention_heads,

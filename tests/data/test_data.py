@@ -114,12 +114,34 @@ def test_dropped_examples_are_counted(tmp_path, chatml_tok):
         build_datasets(cfg, chatml_tok, seed=0)
 
 
+def test_empty_responses_and_prompts_are_dropped_and_counted(tmp_path, chatml_tok):
+    rows = [REC, dict(REC, response="  "), dict(REC, prompt=" "), REC]
+    cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0)
+    train, _, stats, _ = build_datasets(cfg, chatml_tok, 0)
+    assert len(train) == 2 and stats.dropped == {"empty response": 1, "empty prompt": 1}
+    assert "dropped 1 (empty prompt), 1 (empty response)" in stats.summary("train")
+    only_bad = DataConfig(train_files=[_write(tmp_path, rows[1:3])], eval_fraction=0.0)
+    with pytest.raises(DataError, match="no training example survives"):
+        build_datasets(only_bad, chatml_tok, 0)
+
+
+def test_empty_file_and_empty_eval_set_are_one_line_errors(tmp_path, chatml_tok):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: no records"):
+        build_datasets(DataConfig(train_files=[str(empty)]), chatml_tok, 0)
+    bad_eval = tmp_path / "eval.jsonl"
+    bad_eval.write_text(json.dumps(dict(REC, response="")) + "\n")
+    cfg = DataConfig(train_files=[_write(tmp_path, [REC, REC])], eval_files=[str(bad_eval)])
+    with pytest.raises(DataError, match="no eval example survives.*data.eval_fraction=0"):
+        build_datasets(cfg, chatml_tok, 0)
+
+
 @pytest.mark.parametrize("rows, message", [
     ([REC, {"prompt": "p"}], r"d\.jsonl row 2: missing 'response'"),
     ([REC, {"prompt": "p", "response": 3}], r"row 2: not a string: 'response'"),
     ([REC, '{"prompt": "p", "response"'], r"d\.jsonl:2: invalid JSON"),
     ([REC, {"messages": [{"role": "user", "content": "q"}]}], r"row 2: the last message must be the assistant"),
-    ([REC, dict(REC, response="  ")], r"row 2: empty response"),
 ])
 def test_bad_rows_name_file_and_row(tmp_path, chatml_tok, rows, message):
     cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0)

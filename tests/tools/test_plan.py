@@ -38,6 +38,28 @@ def test_cli_prints_the_verdict():
     assert "teacher weights (ZeRO-3 shard)" in res.stdout and "fits in 80 GiB" in res.stdout
 
 
+def test_plans_other_architectures_offline_and_refuses_what_it_cannot(tmp_path):
+    from transformers import GPT2Config, GPTNeoXConfig
+
+    from kd.tools.plan import model_shape
+
+    GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=300, bos_token_id=0, eos_token_id=0).save_pretrained(tmp_path / "gpt2")
+    GPTNeoXConfig(hidden_size=64, num_hidden_layers=5, num_attention_heads=4, intermediate_size=128,
+                  vocab_size=300).save_pretrained(tmp_path / "neox")
+    gpt2, neox = model_shape(str(tmp_path / "gpt2")), model_shape(str(tmp_path / "neox"))
+    assert (gpt2.layers, gpt2.hidden, gpt2.intermediate, gpt2.vocab_rows) == (3, 64, 256, 300)
+    assert (neox.layers, neox.intermediate) == (5, 128)
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "t5", "d_model": 8, "num_layers": 1}')
+    cfg = tmp_path / "odd.yaml"
+    cfg.write_text(f"teacher: {{name_or_path: {tmp_path / 'odd'}}}\nstudent: {{name_or_path: {tmp_path / 'gpt2'}}}\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_HUB_OFFLINE"}  # local dirs need no hub
+    res = subprocess.run([PY, "-m", "kd.plan", "--config", str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("kd: error: kd.plan cannot plan") and len(res.stderr.strip().splitlines()) == 1
+
+
 @pytest.fixture(scope="module")
 def mid_models(tmp_path_factory):
     """~57M teacher and ~26M student: big enough that tensors dominate the CPU runtime's noise."""
