@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kd.data import collate, render_views  # noqa: E402
+from kd.data import collate, example_from_views, render_views  # noqa: E402
 from kd.forward import Distiller, head, teacher_forward  # noqa: E402
 from kd.loss import LossSpec  # noqa: E402
 from kd.models import load_model, load_tokenizer  # noqa: E402
@@ -36,8 +36,7 @@ def batch_of(tok, n: int) -> dict:
     exs = []
     for r in recs:
         t, s, resp = render_views(r, tok, erase=True, generic_system="You are a helpful assistant.")
-        exs.append({"teacher_ids": t + resp, "student_ids": s + resp, "teacher_start": len(t),
-                    "student_start": len(s), "n_response": len(resp)})
+        exs.append(example_from_views(t, s, resp))
     return collate(exs, tok.pad_token_id)
 
 

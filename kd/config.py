@@ -63,9 +63,12 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Local .jsonl/.json/.parquet files. Records: {system?, prompt, response} or {messages}."""
+    """Local .jsonl/.json/.parquet files or save_to_disk directories (a DatasetDict gives its
+    train_split). Records: {system?, prompt, response}, {messages: [{role, content}]} or ShareGPT
+    {conversations: [{from, value}]}."""
     eval_files: list[str] = field(default_factory=list)
-    """Held-out files; if empty, `eval_fraction` of the training records is held out."""
+    """Held-out files or directories (a DatasetDict gives its eval_split, default test); if
+    empty, `eval_fraction` of the training records is held out."""
     dataset: Optional[str] = None
     """A `datasets` hub name, used when train_files is empty."""
     dataset_config: Optional[str] = None
@@ -75,7 +78,14 @@ class DataConfig:
     eval_split: Optional[str] = None
     """Split of `dataset` used for eval; None holds out `eval_fraction` of the training split."""
     columns: dict[str, str] = field(default_factory=dict)
-    """Rename source columns to the schema's names, e.g. {system: system_prompt, prompt: question}."""
+    """Rename source columns to the schema's names, e.g. {system: system_prompt, prompt: question}
+    or {messages: dialogue}."""
+    targets: str = "all_assistant"
+    """Which assistant turns are trained: all_assistant (every turn of a multi-turn conversation)
+    or last (only the final one; earlier turns are prompt context)."""
+    store: Optional[str] = "auto"
+    """Where tokenised views are stored once and memory-mapped by every rank: auto
+    ($KD_HOME/tokenised, default ~/.cache/kd), a directory, or off (tokenise in memory each start)."""
     eval_fraction: float = 0.05
     """Fraction of training records held out when no eval files/split are given (0 = no eval)."""
     max_length: int = 1024
@@ -104,6 +114,7 @@ class DataConfig:
             raise ConfigError("data.max_length must be at least 2")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError("data.eval_fraction must be in [0, 1)")
+        _choice("data.targets", self.targets, ("all_assistant", "last"))
 
     @property
     def erase_probability(self) -> float:
@@ -182,8 +193,11 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/kd"
     """Where config.yaml, metrics.jsonl, checkpoints/ and student/ are written."""
-    max_steps: int = 100
-    """Optimizer steps to run."""
+    max_steps: Optional[int] = None
+    """Optimizer steps to run (100 when neither this nor train.epochs is set)."""
+    epochs: Optional[float] = None
+    """Passes over the training set instead of max_steps (set exactly one): the step count and the
+    LR schedule's length follow from the data; each epoch is whole optimizer steps."""
     micro_batch_size: int = 4
     """Examples per micro-batch per process."""
     grad_accum_steps: int = 1
@@ -225,8 +239,14 @@ class TrainConfig:
         if str(self.mixed_precision).lower() in ("false", "off"):  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
         _choice("train.mixed_precision", self.mixed_precision, ("auto", "no", "bf16", "fp16"))
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError("set exactly one of train.max_steps and train.epochs (the other to null)")
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = 100
+        if self.epochs is not None and self.epochs <= 0:
+            raise ConfigError("train.epochs must be > 0")
         for k in ("max_steps", "micro_batch_size", "grad_accum_steps"):
-            if getattr(self, k) < 1:
+            if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1")
 
 
@@ -268,7 +288,8 @@ def _choice(key: str, value: str, allowed) -> None:
 # Keys that cannot change what a resumed run computes: everything else is part of the trajectory.
 RESUME_FREE = ("train.output_dir", "train.eval_every", "train.eval_max_batches", "train.save_every",
                "train.keep_checkpoints", "train.resume", "train.export", "train.resume_changes",
-               "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "teacher.zero3", "teacher.offload",
+               "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "data.store", "teacher.zero3",
+               "teacher.offload",
                "log.")
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 from importlib.metadata import entry_points
 
 import torch
@@ -44,6 +46,13 @@ def resolve(name_or_path: str) -> str:
         return source.load()(name)
     except ValueError as e:  # an unknown name: the plugin's message lists the valid ones
         raise ModelError(str(e)) from None
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: two tokenizers with equal hashes map ids alike."""
+    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 def load_tokenizer(name_or_path: str, chat_template: str | None = None):

@@ -123,27 +123,34 @@ def train(cfg: Config) -> dict:
     if cfg.train.on_nonfinite == "skip" and is_deepspeed(accelerator):
         raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
                           "backward); use stop")
+    world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
+    tokenizer = load_tokenizers(cfg, check_teacher=not cfg.teacher.cache)
+    vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
+    train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tokenizer, cfg.train.seed,
+                                                                  log=tracker.print)
+    tracker.print(train_stats.summary("train data"))
+    if eval_stats is not None:
+        tracker.print(eval_stats.summary("eval data"))
+    sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
+                                cfg.train.seed, cfg.data.shuffle, accum)
+    total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * sampler.per_epoch / accum))
+    tracker.print(sampler.describe(accum) + (f"; train.epochs={cfg.train.epochs}: {total_steps} optimizer steps"
+                                             if cfg.train.epochs else ""))
     # Which checkpoint (verified) and whether its settings may continue, before any model loads.
-    world = accelerator.num_processes
     resume = checkpoint.find(accelerator, cfg.train.output_dir, cfg.train.resume, say=tracker.print)
-    schedule_steps = schedule_after_resume(cfg, resume[1], world, tracker.print) if resume else cfg.train.max_steps
+    schedule_steps = schedule_after_resume(cfg, resume[1], world, total_steps, tracker.print) if resume \
+        else total_steps
     if accelerator.is_main_process:
         (Path(cfg.train.output_dir) / "config.yaml").write_text(to_yaml(cfg))
 
     device_type = accelerator.device.type
     base_mem = memory_gib()[0]  # before any model: what kd.plan's estimate is compared with
-    tokenizer = load_tokenizers(cfg, check_teacher=not cfg.teacher.cache)
-    vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
     # Under DeepSpeed the teacher is partitioned while it loads (ZeRO-3 inference), never replicated.
     teacher_ds = teacher_zero3_config(accelerator, cfg, teacher_hidden_size(cfg)) \
         if is_deepspeed(accelerator) and cfg.teacher.zero3 and not cfg.teacher.cache else None
     with zero3_loading(accelerator, teacher_ds):
         teacher = None if cfg.teacher.cache else load_teacher(cfg, vocab, device_type)  # a cache replaces it
     student = load_student(cfg, vocab, device_type)
-    train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tokenizer, cfg.train.seed)
-    tracker.print(train_stats.summary("train data"))
-    if eval_stats is not None:
-        tracker.print(eval_stats.summary("eval data"))
 
     cache = TeacherCache.open(cfg, tokenizer, train_set, eval_set) if cfg.teacher.cache else None
     spec = LossSpec.from_config(cfg.loss, vocab)  # one set of loss options for training and eval
@@ -168,9 +175,6 @@ def train(cfg: Config) -> dict:
     student = accelerator.unwrap_model(distiller).student
     use_teacher = spec.needs_teacher  # CE-only training never runs the teacher forward
 
-    accum = cfg.train.grad_accum_steps
-    sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
-                                cfg.train.seed, cfg.data.shuffle, accum)
     step, skipped, skipped_in_row = 0, 0, 0
     if resume is not None:
         path, state = resume
@@ -181,15 +185,15 @@ def train(cfg: Config) -> dict:
 
     def save(at: int) -> Path:
         return checkpoint.save(accelerator, distiller, optimizer, cfg.train.output_dir, at,
-                               recorded_state(cfg, at, world, schedule_steps, skipped), cfg.train.keep_checkpoints)
+                               recorded_state(cfg, at, world, total_steps, schedule_steps, skipped), cfg.train.keep_checkpoints)
 
-    tracker.start(step, cfg.train.max_steps)
+    tracker.start(step, total_steps)
     stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
-    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, cfg.train.max_steps * accum))
+    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum))
     first_batch = True
 
-    while step < cfg.train.max_steps:
+    while step < total_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
         # Normalise by the response tokens of the whole optimizer step on all ranks, known before
@@ -260,7 +264,7 @@ def train(cfg: Config) -> dict:
         step += 1
         tracker.advance()
 
-        last = step == cfg.train.max_steps
+        last = step == total_steps
         row = {}
         if step % cfg.log.log_every == 0 or last:
             loss, ce, kd = (v / n_global for v in totals[:3])

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kd.demo import builtin
-from kd.data import collate, render_views
+from kd.data import collate, example_from_views, render_views
 from kd.forward import Distiller, eval_sums, fp32_logits, head, response_hidden, teacher_forward
 from kd.loss import LossSpec, kd_loss
 from kd.models import load_tokenizer
@@ -26,8 +26,7 @@ def setup():
     exs = []
     for r in RECS:
         t, s, resp = render_views(r, tok, erase=True, generic_system=None)
-        exs.append({"teacher_ids": t + resp, "student_ids": s + resp, "teacher_start": len(t),
-                    "student_start": len(s), "n_response": len(resp)})
+        exs.append(example_from_views(t, s, resp))
     return tok, teacher, student, collate(exs, tok.pad_token_id)
 
 
@@ -61,8 +60,7 @@ def test_eval_sums_counts_agreement(setup):
     exs = []
     for r in RECS:  # not erased: both views identical, so the teacher against itself agrees everywhere
         t, s, resp = render_views(r, tok, erase=False, generic_system=None)
-        exs.append({"teacher_ids": t + resp, "student_ids": s + resp, "teacher_start": len(t),
-                    "student_start": len(s), "n_response": len(resp)})
+        exs.append(example_from_views(t, s, resp))
     b = collate(exs, tok.pad_token_id)
     sums = eval_sums(teacher, teacher, b, LossSpec(len(tok)))
     assert sums["kd"].abs() < 1e-5 and sums["top1_agreement"] == sums["tokens"] == b["labels"].numel()

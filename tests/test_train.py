@@ -204,3 +204,36 @@ def test_chunked_and_dense_training_agree(small_data, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
     for k in wd:
         torch.testing.assert_close(wc[k], wd[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_multi_turn_sharegpt_and_save_to_disk_data_train_from_the_cli(small_data, tmp_path):
+    """Conversations of 3 demo problems (ShareGPT keys, every assistant turn trained), one of them
+    as a save_to_disk DatasetDict for eval; the run length given in epochs."""
+    import datasets
+
+    recs = [json.loads(line) for line in open(small_data["train"])]
+    convs = []
+    for i in range(0, len(recs) - 2, 3):
+        turns = [{"from": "system", "value": recs[i]["system"]}]
+        for r in recs[i:i + 3]:
+            turns += [{"from": "human", "value": r["prompt"]}, {"from": "gpt", "value": r["response"]}]
+        convs.append({"conversations": turns})
+    train = tmp_path / "share.jsonl"
+    train.write_text("".join(json.dumps(c) + "\n" for c in convs))
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(convs[:4])}).save_to_disk(str(tmp_path / "evalset"))
+    out = tmp_path / "run"
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
+        "data.train_files": f"[{train}]", "data.eval_files": f"[{tmp_path / 'evalset'}]", "train.max_steps": "null",
+        "train.epochs": 2, "train.micro_batch_size": 4, "data.max_length": 512})])
+    assert "train data: 16 examples" in res.stdout and "eval data: 4 examples" in res.stdout
+    assert "4 optimizer steps per epoch" in res.stdout and "train.epochs=2.0: 8 optimizer steps" in res.stdout
+    rows = metrics(out)
+    assert rows[-1]["step"] == 8 and rows[-1]["train/epoch"] == 2.0 and "eval/ce" in rows[-1]
+    # every assistant turn is trained: exactly the target tokens of the 48 records as single turns
+    from kd.config import DataConfig
+    from kd.data import build_datasets
+    from kd.models import load_tokenizer
+
+    single = build_datasets(DataConfig(train_files=[small_data["train"]], eval_fraction=0, store="off"),
+                            load_tokenizer("builtin:tokenizer"), 0)[2]
+    assert f"train data: 16 examples, {single.target_tokens} target tokens" in res.stdout

@@ -39,8 +39,9 @@ import torch
 from kd.checkpoint import fsync_dir
 from kd.errors import KDError
 from kd.loss.topk import CachedTopK
+from kd.models import tokenizer_sha256
 
-FORMAT, VERSION = "kd-teacher-cache", 1
+FORMAT, VERSION = "kd-teacher-cache", 2  # 2: multi-turn targets (spans per example)
 MANIFEST = "manifest.json"
 
 
@@ -51,13 +52,6 @@ class CacheError(KDError):
 # --------------------------------------------------------------------------- identities
 
 
-def tokenizer_sha256(tokenizer) -> str:
-    """Hash of the vocabulary and special tokens: two tokenizers with equal hashes map ids alike."""
-    h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
 def dataset_fingerprint(ds) -> dict:
     """Examples, response tokens and a hash of what the cache is keyed on: each example's id, its
     teacher view and response length. Any change of data, template, tokenizer, length policy or
@@ -66,14 +60,16 @@ def dataset_fingerprint(ds) -> dict:
 
     h = hashlib.sha256()
     tokens = 0
-    cols = ["example_id", "teacher_start", "n_response"]
+    cols = ["example_id", "n_response"]
     # fixed batch size: the hash covers each batch's columns in turn, so it must not vary
-    for tbl in ds.select_columns([*cols, "teacher_ids"]).with_format("arrow").iter(batch_size=4096):
+    for tbl in ds.select_columns([*cols, "teacher_starts", "target_lens", "teacher_ids"]).with_format("arrow") \
+            .iter(batch_size=4096):
         for name in cols:
             h.update(np.asarray(tbl.column(name).to_numpy(), dtype=np.int64).tobytes())
-        ids = tbl.column("teacher_ids").combine_chunks()
-        h.update(np.asarray(ids.value_lengths().to_numpy(), dtype=np.int64).tobytes())
-        h.update(np.asarray(ids.flatten().to_numpy(), dtype=np.int64).tobytes())
+        for name in ("teacher_starts", "target_lens", "teacher_ids"):
+            ids = tbl.column(name).combine_chunks()
+            h.update(np.asarray(ids.value_lengths().to_numpy(), dtype=np.int64).tobytes())
+            h.update(np.asarray(ids.flatten().to_numpy(), dtype=np.int64).tobytes())
         tokens += int(np.asarray(tbl.column("n_response").to_numpy()).sum())
     return {"examples": len(ds), "tokens": tokens, "sha256": h.hexdigest()}
 

@@ -8,8 +8,8 @@ from kd.errors import DataError
 
 
 def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -> dict:
-    """Right-pad each view; flat indices of the positions that predict response tokens, aligned
-    1:1 between views. `keep[i] = False` runs example i through the models but contributes no
+    """Right-pad each view; flat indices of the positions that predict target tokens (every
+    trained assistant turn, in order), aligned 1:1 between views. `keep[i] = False` runs example i through the models but contributes no
     tokens (used to give every rank the same number of forwards)."""
     keep = keep or [True] * len(examples)
     out = {}
@@ -23,14 +23,15 @@ def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -
             ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[b, : len(seq)] = 1
             if k:
-                start = e[f"{view}_start"]
-                # position t predicts token t+1: the response [start, start+n) is predicted from
+                # position t predicts token t+1: a target span [start, start+n) is predicted from
                 # positions [start-1, start+n-1)
-                index.append(torch.arange(start - 1, start - 1 + e["n_response"]) + b * width)
+                for start, n in zip(e[f"{view}_starts"], e["target_lens"]):
+                    index.append(torch.arange(start - 1, start - 1 + n) + b * width)
         out[f"{view}_input_ids"] = ids
         out[f"{view}_attention_mask"] = mask
         out[f"{view}_index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-    labels = [torch.tensor(e["student_ids"][e["student_start"]:], dtype=torch.long) for e, k in zip(examples, keep) if k]
+    labels = [torch.tensor(e["student_ids"][start:start + n], dtype=torch.long)
+              for e, k in zip(examples, keep) if k for start, n in zip(e["student_starts"], e["target_lens"])]
     out["labels"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
     # which examples the label rows come from (in order), e.g. to look up cached teacher outputs
     out["example_ids"] = torch.tensor([e.get("example_id", -1) for e, k in zip(examples, keep) if k], dtype=torch.long)
@@ -74,6 +75,15 @@ class MicroBatchSampler:
 
     def epoch_of(self, k: int) -> float:
         return k / self.per_epoch
+
+    def describe(self, accum: int) -> str:
+        """One line: steps per epoch, and the examples an epoch leaves out (said, never silent)."""
+        used = self.per_epoch * self.mb * self.world
+        s = f"{self.per_epoch // accum} optimizer steps per epoch"
+        if used < self.n:
+            s += (f" ({used} of {self.n} examples each epoch: the last {self.n - used} do not fill a global batch; "
+                  f"{'every epoch draws a new permutation, so they are seen in others' if self.shuffle else 'with data.shuffle=false they are never seen'})")
+        return s
 
 
 class _Stream(torch.utils.data.Sampler):

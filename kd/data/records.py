@@ -10,28 +10,66 @@ from kd.errors import DataError
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-def to_messages(rec: dict, where: str) -> tuple[str | None, list[dict], str]:
-    """-> (strategy system message or None, the other prompt messages, response text)."""
-    msgs = rec.get("messages")
-    if msgs:
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
-        if msgs[-1]["role"] != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant response")
-        system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-        rest = msgs[1:-1] if system is not None else msgs[:-1]
-        if not any(m["role"] == "user" for m in rest):
-            raise DataError(f"{where}: 'messages' has no user message")
-        return system, [dict(role=m["role"], content=m["content"]) for m in rest], msgs[-1]["content"]
+# Role names seen in the wild (ShareGPT's human/gpt, OpenAI's user/assistant, ...) -> the template's.
+ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+         "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
+# Column sets of well-known schemas, for the hint when a record lacks prompt/response/messages.
+KNOWN_SCHEMAS = {
+    ("system_prompt", "question", "response"): "{system: system_prompt, prompt: question}",  # OpenOrca
+    ("instruction", "output"): "{prompt: instruction, response: output}",  # Alpaca
+    ("instruction", "response"): "{prompt: instruction}",  # Dolly
+    ("question", "answer"): "{prompt: question, response: answer}",
+    ("chosen",): "{messages: chosen}",  # preference sets: the chosen conversation
+}
+
+
+def to_conversation(rec: dict, where: str) -> tuple[str | None, list[dict]]:
+    """A record -> (strategy system message or None, the turns after it as {role, content}, ending
+    on an assistant turn). Accepts {system?, prompt, response}, or `messages` / `conversations`
+    lists of {role, content} or ShareGPT's {from, value}, with the role names of ROLES."""
+    msgs = rec.get("messages") if rec.get("messages") is not None else rec.get("conversations")
+    if msgs is not None:
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        turns = []
+        for n, m in enumerate(msgs, 1):
+            role = m.get("role", m.get("from")) if isinstance(m, dict) else None
+            content = m.get("content", m.get("value")) if isinstance(m, dict) else None
+            if not isinstance(role, str) or not isinstance(content, str):
+                raise DataError(f"{where}: message {n} is not a {{role, content}} (or {{from, value}}) object")
+            if role.lower() not in ROLES:
+                raise DataError(f"{where}: message {n} has role {role!r} (known: {', '.join(sorted(ROLES))})")
+            turns.append(dict(role=ROLES[role.lower()], content=content))
+        system = turns[0]["content"] if turns[0]["role"] == "system" else None
+        turns = turns[1:] if system is not None else turns
+        if not turns or turns[-1]["role"] != "assistant":
+            raise DataError(f"{where}: the last message must be an assistant turn")
+        if not any(m["role"] == "user" for m in turns):
+            raise DataError(f"{where}: the conversation has no user message")
+        return system, turns
     for key in ("prompt", "response"):
         if not isinstance(rec.get(key), str):
             what = "missing" if rec.get(key) is None else "not a string:"
-            raise DataError(f"{where}: {what} '{key}' (need prompt+response or messages)")
+            raise DataError(f"{where}: {what} '{key}' (need prompt+response, messages or conversations)"
+                            + _schema_hint(rec))
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
         raise DataError(f"{where}: 'system' must be a string")
-    return system or None, [dict(role="user", content=rec["prompt"])], rec["response"]
+    return system or None, [dict(role="user", content=rec["prompt"]), dict(role="assistant", content=rec["response"])]
 
+
+def _schema_hint(rec: dict) -> str:
+    cols = {k for k in rec if not k.startswith("_")}
+    for known, mapping in KNOWN_SCHEMAS.items():
+        if set(known) <= cols:
+            return f"; the data has columns {', '.join(sorted(cols))}: map them with data.columns={mapping}"
+    return f"; the data has columns {', '.join(sorted(cols))} (data.columns renames them)"
+
+
+def to_messages(rec: dict, where: str) -> tuple[str | None, list[dict], str]:
+    """-> (strategy system message or None, the messages before the last assistant turn, its text)."""
+    system, turns = to_conversation(rec, where)
+    return system, turns[:-1], turns[-1]["content"]
 
 
 def load_records(files: list[str] | None = None, dataset: str | None = None, config_name=None, split="train"):
@@ -42,6 +80,9 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
         parts = []
         for f in files:
             path = Path(f)
+            if path.is_dir():
+                parts.append(_from_disk(path, split))
+                continue
             if not path.is_file():
                 raise DataError(f"data file not found: {f}")
             builder = _BUILDERS.get(path.suffix)
@@ -67,6 +108,28 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
         n = len(ds)
         return ds.add_column("_source", [f"{dataset}[{split}]"] * n).add_column("_row", list(range(n)))
     raise DataError("no training data: set data.train_files or data.dataset")
+
+
+def _from_disk(path: Path, split: str):
+    """A `save_to_disk` directory: a Dataset, or a DatasetDict from which `split` is taken."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # not a saved dataset
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({first[:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: a DatasetDict without a {split!r} split (has {', '.join(ds)}); "
+                            f"set data.train_split / data.eval_split")
+        ds, where = ds[split], f"{path}[{split}]"
+    else:
+        where = str(path)
+    if len(ds) == 0:
+        raise DataError(f"{where}: no records")
+    n = len(ds)
+    return ds.add_column("_source", [where] * n).add_column("_row", list(range(1, n + 1)))
 
 
 def _diagnose(path: Path, exc: Exception) -> str:

@@ -1,38 +1,53 @@
 """Records -> two aligned tokenised views: teacher with the strategy instruction, student without.
 
-Record schema (JSONL/JSON/Parquet rows or a `datasets` dataset):
+Record schema (JSONL/JSON/Parquet rows, `save_to_disk` directories or a `datasets` dataset):
     {"system": "<strategy instruction, optional>", "prompt": "...", "response": "..."}
 or  {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-    (the last message is the assistant response; a leading system message is the instruction).
+or  {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}   (ShareGPT)
+    (a leading system message is the instruction; the conversation ends on an assistant turn).
 
-Alignment rule: both views are rendered with the chat template; the text the template adds after
-the prompt (the response plus its end-of-turn marker) is tokenised on its own, once, so the
-response ids are the same list in both views and labels cover exactly those ids.
+Targets (`data.targets`): every assistant turn (`all_assistant`, the default) or only the last
+(`last`). Alignment rule: both views render the same turns with the chat template; each trained
+assistant turn is the text the template adds after the prompt up to that turn (the answer plus
+its end-of-turn marker), tokenised on its own, once, so its ids are the same list in both views
+and labels cover exactly those ids. The views differ only in the system message.
+
+Length policy, per example, on the longer of the two views: first the oldest exchanges (a user
+turn and the assistant answer that follows) are dropped whole, while more than one trained turn
+is left; then the prompt of the last turn is cut from the left (never below
+`data.min_prompt_tokens`), then its answer from the right; an example with nothing left is
+dropped. Each is counted in the data summary.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kd.config import DataConfig
-from kd.data.records import load_records, renamed, to_messages
+from kd.data.records import load_records, renamed, to_conversation, to_messages
 from kd.errors import DataError
+
+TARGETS = ("all_assistant", "last")
+
+
+def _system_views(system, erase, generic_system):
+    teacher = [dict(role="system", content=system)] if system else []
+    if not erase:
+        return teacher, teacher
+    return teacher, ([dict(role="system", content=generic_system)] if generic_system else [])
 
 
 def render_views(
     rec: dict, tokenizer, *, erase: bool, generic_system: str | None, where: str = "record"
 ) -> tuple[list[int], list[int], list[int]]:
-    """-> (teacher prompt ids, student prompt ids, response ids shared by both views)."""
+    """The last assistant turn as the only target -> (teacher prompt ids, student prompt ids,
+    response ids shared by both views)."""
     system, prompt_msgs, response = to_messages(rec, where)
     if not response.strip():
         raise DataError(f"{where}: empty response")
-    teacher_msgs = ([dict(role="system", content=system)] if system else []) + prompt_msgs
-    if erase:
-        student_msgs = ([dict(role="system", content=generic_system)] if generic_system else []) + prompt_msgs
-    else:
-        student_msgs = teacher_msgs
+    t_sys, s_sys = _system_views(system, erase, generic_system)
     answer = dict(role="assistant", content=response)
 
     def render(msgs):
@@ -43,14 +58,111 @@ def render_views(
         # trailing whitespace after the end-of-turn marker (ChatML's newline) is never generated
         return prompt, full[len(prompt):].rstrip()
 
-    t_prompt, t_tail = render(teacher_msgs)
-    s_prompt, s_tail = (t_prompt, t_tail) if student_msgs is teacher_msgs else render(student_msgs)
+    t_prompt, t_tail = render(t_sys + prompt_msgs)
+    s_prompt, s_tail = (t_prompt, t_tail) if s_sys is t_sys else render(s_sys + prompt_msgs)
     if t_tail != s_tail:
         raise DataError(f"{where}: the chat template renders the response differently in the two views")
     enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     t_ids = enc(t_prompt)
     s_ids = t_ids if s_prompt == t_prompt else enc(s_prompt)
     return t_ids, s_ids, enc(t_tail)
+
+
+def segments(msgs: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
+    """One view's conversation as text segments [(context, False), (assistant turn, True), ...]:
+    each assistant turn is what the template adds after rendering the conversation up to it with
+    a generation prompt; trailing whitespace after its end-of-turn marker goes to the next context."""
+    out, prev = [], ""
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs[:k + 1], tokenize=False)
+        if not prompt.startswith(prev) or not full.startswith(prompt):
+            raise DataError(f"{where}: the chat template does not render each turn as a prefix of the next "
+                            f"(it rewrites earlier turns); use data.targets=last for such templates")
+        answer = full[len(prompt):].rstrip()
+        out += [(prompt[len(prev):], False), (answer, True)]
+        prev = prompt + answer
+    return out
+
+
+@dataclass
+class Views:
+    """Two token views of one example and where its trained turns sit in each."""
+
+    teacher_ids: list[int] = field(default_factory=list)
+    student_ids: list[int] = field(default_factory=list)
+    teacher_starts: list[int] = field(default_factory=list)
+    student_starts: list[int] = field(default_factory=list)
+    target_lens: list[int] = field(default_factory=list)
+
+    def add(self, t_ctx: list[int], s_ctx: list[int], target: list[int] | None) -> None:
+        self.teacher_ids += t_ctx
+        self.student_ids += s_ctx
+        if target:
+            self.teacher_starts.append(len(self.teacher_ids))
+            self.student_starts.append(len(self.student_ids))
+            self.target_lens.append(len(target))
+            self.teacher_ids += target
+            self.student_ids += target
+
+    def row(self) -> dict:
+        return dict(teacher_ids=self.teacher_ids, student_ids=self.student_ids, teacher_starts=self.teacher_starts,
+                    student_starts=self.student_starts, target_lens=self.target_lens,
+                    n_response=sum(self.target_lens))
+
+
+def example_from_views(t_prompt: list[int], s_prompt: list[int], response: list[int]) -> dict:
+    """A single-target example (what render_views returns) in the batch format."""
+    v = Views()
+    v.add(t_prompt, s_prompt, response)
+    return v.row()
+
+
+def conversation_views(rec: dict, tokenizer, *, erase: bool, generic_system: str | None, targets: str,
+                       max_length: int, min_prompt: int, where: str = "record") -> tuple[dict | None, dict]:
+    """-> (example row, or None if nothing fits; {"truncated": bool, "turns_dropped": int}) under
+    the module's length policy."""
+    system, turns = to_conversation(rec, where)
+    t_sys, s_sys = _system_views(system, erase, generic_system)
+    answers = [k for k, m in enumerate(turns) if m["role"] == "assistant"]
+    cache: dict[str, list[int]] = {}
+
+    def enc(text):
+        if text not in cache:
+            cache[text] = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        return cache[text]
+
+    dropped = 0
+    while True:
+        first = answers[dropped - 1] + 1 if dropped else 0  # after the `dropped` oldest exchanges
+        keep, left = turns[first:], len(answers) - dropped
+        if targets == "last" or left == 1:
+            # one trained turn: the context before it is tokenised whole, as for single-turn records
+            t_p, s_p, r = render_views({"messages": t_sys + keep}, tokenizer, erase=erase,
+                                       generic_system=generic_system, where=where)
+            if max(len(t_p), len(s_p)) + len(r) > max_length and left > 1:
+                dropped += 1
+                continue
+            fitted = fit_length(t_p, s_p, r, max_length, min_prompt)
+            if fitted is None:
+                return None, {"truncated": False, "turns_dropped": dropped}
+            v = Views()
+            v.add(*fitted)
+            cut = tuple(map(len, fitted)) != (len(t_p), len(s_p), len(r))
+            return v.row(), {"truncated": cut or dropped > 0, "turns_dropped": dropped}
+        t_seg = segments(t_sys + keep, tokenizer, where)
+        s_seg = t_seg if s_sys is t_sys else segments(s_sys + keep, tokenizer, where)
+        if t_seg[1::2] != s_seg[1::2]:
+            raise DataError(f"{where}: the chat template renders the assistant turns differently in the two views")
+        v = Views()
+        for (t_ctx, _), (s_ctx, _), (answer, _) in zip(t_seg[0::2], s_seg[0::2], t_seg[1::2]):
+            v.add(enc(t_ctx), enc(s_ctx), enc(answer))
+        if max(len(v.teacher_ids), len(v.student_ids)) > max_length:
+            dropped += 1
+            continue
+        return v.row(), {"truncated": dropped > 0, "turns_dropped": dropped}
 
 
 def fit_length(
@@ -82,23 +194,34 @@ class DataStats:
     dropped: Counter
     truncated: int
     erased: int
+    turns_dropped: int = 0
+    target_tokens: int = 0
 
     def summary(self, name: str) -> str:
-        s = f"{name}: {self.examples} examples, {self.erased} with the instruction erased, {self.truncated} truncated"
+        s = (f"{name}: {self.examples} examples, {self.target_tokens} target tokens, {self.erased} with the "
+             f"instruction erased, {self.truncated} truncated")
+        if self.turns_dropped:
+            s += f" ({self.turns_dropped} oldest exchanges dropped to fit)"
         if self.dropped:
             s += ", dropped " + ", ".join(f"{n} ({why})" for why, n in sorted(self.dropped.items()))
         return s
 
+    def to_json(self) -> dict:
+        return {**self.__dict__, "dropped": dict(self.dropped)}
 
-def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=None):
+    @classmethod
+    def from_json(cls, d: dict) -> "DataStats":
+        return cls(**{**d, "dropped": Counter(d["dropped"])})
+
+
+def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=None, keep_in_memory=True):
     """datasets.Dataset of records -> tokenised views (+ stats). Dropped rows are counted, not hidden."""
     p_erase = cfg.erase_probability
 
     def fn(rec, idx):
         where = f"{rec['_source']} row {rec['_row']}"
         erased = erase_coin(seed, idx, p_erase)
-        out = dict(example_id=idx, teacher_ids=[], student_ids=[], teacher_start=0, student_start=0, n_response=0,
-                   erased=erased, truncated=False, drop="")
+        out = dict(example_id=idx, **Views().row(), erased=erased, truncated=False, turns_dropped=0, drop="")
         _, prompt_msgs, response = to_messages(rec, where)
         if not response.strip():  # unusable rows are dropped and counted, like rows that do not fit
             out["drop"] = "empty response"
@@ -106,19 +229,18 @@ def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=No
         if not any(str(m["content"]).strip() for m in prompt_msgs):
             out["drop"] = "empty prompt"
             return out
-        t, s, r = render_views(rec, tokenizer, erase=erased, generic_system=cfg.generic_system, where=where)
-        fitted = fit_length(t, s, r, cfg.max_length, cfg.min_prompt_tokens)
-        if fitted is None:
+        row, how = conversation_views(rec, tokenizer, erase=erased, generic_system=cfg.generic_system,
+                                      targets=cfg.targets, max_length=cfg.max_length,
+                                      min_prompt=cfg.min_prompt_tokens, where=where)
+        if row is None:
             out["drop"] = "response does not fit data.max_length"
             return out
-        t2, s2, r2 = fitted
-        out.update(teacher_ids=t2 + r2, student_ids=s2 + r2, teacher_start=len(t2), student_start=len(s2),
-                   n_response=len(r2), truncated=(len(t2), len(s2), len(r2)) != (len(t), len(s), len(r)))
+        out.update(row, **how)
         return out
 
     try:
         ds = records.map(fn, with_indices=True, remove_columns=records.column_names, num_proc=num_proc,
-                         keep_in_memory=True, desc="tokenising")
+                         keep_in_memory=keep_in_memory, desc="tokenising")
     except DataError:
         raise
     except Exception as e:  # datasets wraps errors raised in worker processes
@@ -129,31 +251,57 @@ def tokenize_dataset(records, tokenizer, cfg: DataConfig, seed: int, num_proc=No
                 raise cause from None
         raise
     drops = Counter(d for d in ds["drop"] if d)
-    kept = ds.filter(lambda d: not d, input_columns="drop", keep_in_memory=True) if drops else ds
-    stats = DataStats(len(kept), drops, sum(kept["truncated"]), sum(kept["erased"]))
-    kept = kept.remove_columns(["drop", "truncated", "erased"])
+    kept = ds.filter(lambda d: not d, input_columns="drop", keep_in_memory=keep_in_memory) if drops else ds
+    stats = DataStats(len(kept), drops, sum(kept["truncated"]), sum(kept["erased"]), sum(kept["turns_dropped"]),
+                      sum(kept["n_response"]))
+    kept = kept.remove_columns(["drop", "truncated", "erased", "turns_dropped"])
     return kept, stats
 
 
+def split_eval(records, fraction: float, seed: int, shuffle: bool):
+    """Hold out `fraction` of the records (a seeded choice). The training part keeps file order
+    when data.shuffle is false; otherwise it is the permuted order train_test_split gives."""
+    if shuffle:
+        split = records.train_test_split(test_size=fraction, seed=seed, shuffle=True)
+        return split["train"], split["test"]
+    import numpy as np
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int):
-    """-> (train, eval or None, train stats, eval stats or None)."""
+    n = len(records)
+    n_eval = max(1, int(np.ceil(fraction * n)))
+    chosen = np.random.default_rng(seed).permutation(n)[:n_eval]
+    is_eval = np.zeros(n, dtype=bool)
+    is_eval[chosen] = True
+    return records.select(np.flatnonzero(~is_eval)), records.select(np.flatnonzero(is_eval))
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int, log=print):
+    """-> (train, eval or None, train stats, eval stats or None): from the on-disk store of
+    tokenised views (kd.data.store; built there once), or in memory with data.store=off."""
+    from kd.data import store
+
+    if store.store_root(cfg) is None:
+        return _build(cfg, tokenizer, seed, keep_in_memory=True)
+    train, evald, train_stats, eval_stats = store.tokenised(
+        cfg, tokenizer, seed, lambda: _build(cfg, tokenizer, seed, keep_in_memory=False), log)
+    return train, evald, DataStats.from_json(train_stats), eval_stats and DataStats.from_json(eval_stats)
+
+
+def _build(cfg: DataConfig, tokenizer, seed: int, keep_in_memory: bool):
     train_recs = renamed(load_records(cfg.train_files, cfg.dataset, cfg.dataset_config, cfg.train_split), cfg.columns)
     eval_recs = None
     if cfg.eval_files:
-        eval_recs = renamed(load_records(cfg.eval_files), cfg.columns)
+        eval_recs = renamed(load_records(cfg.eval_files, split=cfg.eval_split or "test"), cfg.columns)
     elif cfg.dataset and cfg.eval_split and not cfg.train_files:
         eval_recs = renamed(load_records(None, cfg.dataset, cfg.dataset_config, cfg.eval_split), cfg.columns)
     elif cfg.eval_fraction > 0 and len(train_recs) > 1:
-        split = train_recs.train_test_split(test_size=cfg.eval_fraction, seed=seed, shuffle=True)
-        train_recs, eval_recs = split["train"], split["test"]
-    train, train_stats = tokenize_dataset(train_recs, tokenizer, cfg, seed, cfg.num_proc)
+        train_recs, eval_recs = split_eval(train_recs, cfg.eval_fraction, seed, cfg.shuffle)
+    train, train_stats = tokenize_dataset(train_recs, tokenizer, cfg, seed, cfg.num_proc, keep_in_memory)
     if len(train) == 0:
         raise DataError("no training example survives tokenisation: " + train_stats.summary("train"))
     if eval_recs is None:
         return train, None, train_stats, None
     # eval views use seed+1 coins so they are not correlated with the training coins
-    evald, eval_stats = tokenize_dataset(eval_recs, tokenizer, cfg, seed + 1, cfg.num_proc)
+    evald, eval_stats = tokenize_dataset(eval_recs, tokenizer, cfg, seed + 1, cfg.num_proc, keep_in_memory)
     if len(evald) == 0:  # an empty eval set would report perfect scores; say so instead
         raise DataError("no eval example survives tokenisation: " + eval_stats.summary("eval")
                         + "; fix the eval data, or turn eval off with data.eval_fraction=0 and no data.eval_files")

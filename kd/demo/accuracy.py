@@ -116,7 +116,7 @@ def token_metrics(student, teacher, tokenizer, records: list[dict], system_mode:
     returns the global averages."""
     import torch
 
-    from kd.data import collate, render_views
+    from kd.data import collate, example_from_views, render_views
     from kd.forward import eval_sums
     from kd.loss import LossSpec
 
@@ -127,8 +127,7 @@ def token_metrics(student, teacher, tokenizer, records: list[dict], system_mode:
     examples = []
     for i, rec in shard(list(enumerate(records)), rank, world):
         t, s, r = render_views(rec, tokenizer, erase=erase, generic_system=generic, where=f"{source} record {i + 1}")
-        examples.append(dict(teacher_ids=t + r, student_ids=s + r, teacher_start=len(t), student_start=len(s),
-                             n_response=len(r)))
+        examples.append(example_from_views(t, s, r))
     spec = LossSpec(vocab_size=len(tokenizer), alpha=0.5, temperature=1.0, divergence="forward_kl")
     pad_id = tokenizer.pad_token_id
     device = next(student.parameters()).device

@@ -81,8 +81,10 @@ def shipped_teacher() -> Path | None:
 
 
 def kd_home() -> Path:
-    """Cache root: $KD_HOME, else ~/.cache/kd."""
-    return Path(os.environ.get("KD_HOME") or Path.home() / ".cache" / "kd").expanduser()
+    """Cache root: $KD_HOME, else ~/.cache/kd (the library's kd.data.store.kd_home)."""
+    from kd.data.store import kd_home as home
+
+    return home()
 
 
 def resolve_name(name: str) -> str:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kd.config import DataConfig
-from kd.data import (MicroBatchSampler, build_datasets, collate, erase_coin, eval_batches, fit_length,
-                     load_records, render_views, tokenize_dataset)
+from kd.data import (MicroBatchSampler, build_datasets, collate, erase_coin, eval_batches, example_from_views,
+                     fit_length, load_records, render_views, tokenize_dataset)
 from kd.errors import DataError
 from kd.models import load_tokenizer
 
@@ -54,8 +54,7 @@ def test_response_ids_identical_and_labels_on_response_only(tok):
         assert t != s and len(t) > len(s)  # the instruction is in the teacher prompt only
         text = tok.decode(r, skip_special_tokens=True)
         assert REC["response"].split("\n")[-1] in text and REC["system"] not in tok.decode(s)
-        ex = {"teacher_ids": t + r, "student_ids": s + r, "teacher_start": len(t), "student_start": len(s),
-              "n_response": len(r)}
+        ex = example_from_views(t, s, r)
         b = collate([ex, ex], pad_id=0)
         # label at flat index i is the token right after position index[i], in both views
         for view in ("teacher", "student"):
@@ -141,7 +140,7 @@ def test_empty_file_and_empty_eval_set_are_one_line_errors(tmp_path, chatml_tok)
     ([REC, {"prompt": "p"}], r"d\.jsonl row 2: missing 'response'"),
     ([REC, {"prompt": "p", "response": 3}], r"row 2: not a string: 'response'"),
     ([REC, '{"prompt": "p", "response"'], r"d\.jsonl:2: invalid JSON"),
-    ([REC, {"messages": [{"role": "user", "content": "q"}]}], r"row 2: the last message must be the assistant"),
+    ([REC, {"messages": [{"role": "user", "content": "q"}]}], r"row 2: the last message must be an assistant turn"),
 ])
 def test_bad_rows_name_file_and_row(tmp_path, chatml_tok, rows, message):
     cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0)
@@ -175,7 +174,7 @@ def test_sampler_consumes_the_same_examples_per_step_whatever_the_split():
 
 
 def test_eval_batches_give_every_rank_the_same_count(chatml_tok):
-    ex = {"teacher_ids": [1, 2, 3], "student_ids": [1, 3], "teacher_start": 2, "student_start": 1, "n_response": 1}
+    ex = example_from_views([1, 2], [1], [3])
     ds = [ex] * 5
     per_rank = [list(eval_batches(ds, 2, 2, r, 0)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 2
@@ -187,6 +186,6 @@ def test_columns_are_renamed_onto_the_schema(tmp_path, chatml_tok):
     cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0,
                      columns={"system": "system_prompt", "prompt": "question"})
     train, _, stats, _ = build_datasets(cfg, chatml_tok, seed=0)
-    assert stats.examples == 2 and train[0]["teacher_ids"][: train[0]["teacher_start"]] == _views(chatml_tok)[0]
+    assert stats.examples == 2 and train[0]["teacher_ids"][: train[0]["teacher_starts"][0]] == _views(chatml_tok)[0]
     with pytest.raises(DataError, match="data.columns: no column 'nope'"):
         build_datasets(DataConfig(train_files=cfg.train_files, columns={"prompt": "nope"}), chatml_tok, seed=0)
