@@ -130,8 +130,7 @@ def part_error(tmp: Path, ks=(16, 64, 256)) -> None:
     teacher, student = load_teacher(cfg, v, "cpu"), load_student(cfg, v, "cpu")
     with torch.no_grad():
         t_logits = fp32_logits(teacher_forward(teacher, batch), head(teacher))[:, :v]
-        s_logits = fp32_logits(response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"],
-                                                batch["student_index"]), head(student))
+        s_logits = fp32_logits(response_hidden(student, batch, "student"), head(student))
     _table(f"Builtin tiny teacher -> tiny student, 16 demo examples ({t_logits.shape[0]} response tokens), V = {v}",
            s_logits, t_logits, batch["labels"], v, ks, temps=(1.0, 2.0, 4.0), divs=("forward_kl",))
 

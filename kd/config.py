@@ -104,6 +104,14 @@ class DataConfig:
     models whose tokenizer has none)."""
     shuffle: bool = True
     """Shuffle training examples each epoch (seeded by train.seed and the epoch)."""
+    packing: bool = False
+    """Concatenate each training micro-batch into one row per view (no padding; position ids
+    restart per example so attention never crosses examples). Checked at start for each model's
+    attention implementation; refused in one line where it would not isolate examples."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same micro-batch (sorted within seeded mega-batches of
+    50 global batches, whose order is shuffled): less padding, deterministic and resumable, but a
+    different sequence of batches than plain shuffling."""
     num_proc: Optional[int] = None
     """Processes for tokenisation with datasets.map."""
 

@@ -18,10 +18,31 @@ from kd.loss.dense import kd_loss, token_losses
 from kd.loss.spec import LossSpec
 
 
-def response_hidden(model, input_ids, attention_mask, index) -> torch.Tensor:
-    """Final (normed) hidden states at the flat positions `index` of [B, L]: [N, H]."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return rearrange(out.last_hidden_state, "b l h -> (b l) h").index_select(0, index)
+def response_hidden(model, batch: dict, view: str) -> torch.Tensor:
+    """Final (normed) hidden states of one view (`teacher` or `student`) at the flat positions
+    `<view>_index` of its [B, L] ids: [N, H]. A packed batch (one row, `<view>_position_ids`
+    restarting at each example, no attention mask) keeps its examples apart through the
+    position ids (transformers builds the block-diagonal causal mask from them)."""
+    out = model.base_model(input_ids=batch[f"{view}_input_ids"], attention_mask=batch.get(f"{view}_attention_mask"),
+                           position_ids=batch.get(f"{view}_position_ids"), use_cache=False)
+    return rearrange(out.last_hidden_state, "b l h -> (b l) h").index_select(0, batch[f"{view}_index"])
+
+
+@torch.no_grad()
+def isolates_packed_sequences(model, vocab_size: int) -> bool:
+    """Does this model, with its attention implementation, keep packed examples apart given only
+    restarting position ids? Checked by running two short sequences separately and packed (the
+    same on every rank, so it is safe for a ZeRO-3 partitioned model)."""
+    device, was_training = next(model.parameters()).device, model.training
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, vocab_size, (1, n), generator=g).to(device) for n in (6, 5))
+    model.eval()  # no dropout: the check must not draw from the training RNG
+    separate = torch.cat([model.base_model(input_ids=x, use_cache=False).last_hidden_state[0] for x in (a, b)])
+    pos = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
+    packed = model.base_model(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).last_hidden_state[0]
+    model.train(was_training)
+    err = (packed.float() - separate.float()).abs().max() / separate.float().abs().max().clamp_min(1e-6)
+    return bool(err < 1e-2)
 
 
 def head(model) -> nn.Linear:
@@ -38,7 +59,7 @@ def fp32_logits(hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
 @torch.no_grad()
 def teacher_forward(teacher, batch: dict) -> torch.Tensor:
     """Teacher hidden states at the response positions of its own view: [N, Ht]."""
-    return response_hidden(teacher, batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_index"])
+    return response_hidden(teacher, batch, "teacher")
 
 
 class Distiller(nn.Module):
@@ -65,7 +86,7 @@ class Distiller(nn.Module):
 
     def forward(self, batch: dict, teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None):
         spec = self.spec
-        h = response_hidden(self.student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
+        h = response_hidden(self.student, batch, "student")
         use_teacher = teacher_hidden is not None and spec.needs_teacher
         s_head = head(self.student)
         if spec.implementation == "chunked":
@@ -85,7 +106,7 @@ class Distiller(nn.Module):
 def eval_sums(student, teacher, batch: dict, spec: LossSpec) -> dict[str, torch.Tensor]:
     """Token sums for evaluation: student CE, divergence to the teacher (whatever alpha is),
     the configured total, and top-1 teacher-student agreement."""
-    hs = response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
+    hs = response_hidden(student, batch, "student")
     ht = teacher_forward(teacher, batch)
     # after both forwards: under ZeRO-3 a tied lm_head is released again when the embedding runs
     with gathered(head(student).weight, head(teacher).weight):

@@ -23,10 +23,10 @@ from kd import checkpoint, rundir
 from kd.cache.store import TeacherCache
 from kd.cache.teacher import CachedDistiller, cached_eval_sums
 from kd.config import Config, ConfigError, load_config, to_yaml
-from kd.data import MicroBatchSampler, build_datasets, eval_batches, train_loader
+from kd.data import MicroBatchSampler, build_datasets, eval_batches, example_lengths, real_tokens, train_loader
 from kd.distributed import (first_failure, gathered, global_sum, is_deepspeed, local_numel, make_accelerator,
                             memory_gib, shard_teacher, teacher_zero3_config, zero3_loading)
-from kd.forward import Distiller, eval_sums, head, teacher_forward
+from kd.forward import Distiller, eval_sums, head, isolates_packed_sequences, teacher_forward
 from kd.guard import NonFiniteError, culprit, teacher_broken, teacher_nonfinite
 from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
@@ -132,7 +132,8 @@ def train(cfg: Config) -> dict:
     if eval_stats is not None:
         tracker.print(eval_stats.summary("eval data"))
     sampler = MicroBatchSampler(len(train_set), cfg.train.micro_batch_size, world, accelerator.process_index,
-                                cfg.train.seed, cfg.data.shuffle, accum)
+                                cfg.train.seed, cfg.data.shuffle, accum,
+                                lengths=example_lengths(train_set) if cfg.data.group_by_length else None)
     total_steps = cfg.train.max_steps or max(1, round(cfg.train.epochs * sampler.per_epoch / accum))
     tracker.print(sampler.describe(accum) + (f"; train.epochs={cfg.train.epochs}: {total_steps} optimizer steps"
                                              if cfg.train.epochs else ""))
@@ -174,6 +175,13 @@ def train(cfg: Config) -> dict:
         teacher_sums = functools.partial(eval_sums, teacher=teacher, spec=spec)
     student = accelerator.unwrap_model(distiller).student
     use_teacher = spec.needs_teacher  # CE-only training never runs the teacher forward
+    if cfg.data.packing:  # packed rows rely on position ids alone to keep examples apart
+        for role, model in (("student", student), ("teacher", None if cache else teacher)):
+            if model is not None and not isolates_packed_sequences(model, vocab):
+                raise ConfigError(f"data.packing=true: the {role} ({type(model).__name__}, attn_implementation="
+                                  f"{model.config._attn_implementation}) does not keep packed examples apart; use "
+                                  f"sdpa, eager or flash_attention_2 on a model whose masks honour position ids, "
+                                  f"or data.packing=false")
 
     step, skipped, skipped_in_row = 0, 0, 0
     if resume is not None:
@@ -190,7 +198,7 @@ def train(cfg: Config) -> dict:
     tracker.start(step, total_steps)
     stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
-    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum))
+    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum, cfg.data.packing))
     first_batch = True
 
     while step < total_steps:
@@ -200,7 +208,7 @@ def train(cfg: Config) -> dict:
         # any backward: (micro 8, accum 1) and (micro 2, accum 4) and 2 ranks give equal gradients.
         # The stop flag rides on the same all-reduce, so all ranks agree on the step they stop at.
         counts = global_sum(accelerator, [sum(b["labels"].numel() for b in micro),
-                                          sum(int(b["student_attention_mask"].sum()) for b in micro),
+                                          sum(real_tokens(b) for b in micro),
                                           float(stop.requested)])
         if counts[2] > 0:
             save(step)

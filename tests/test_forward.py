@@ -34,8 +34,7 @@ def test_response_rows_match_the_full_forward(setup):
     tok, teacher, student, b = setup
     for model, view in ((teacher, "teacher"), (student, "student")):
         full = model(input_ids=b[f"{view}_input_ids"], attention_mask=b[f"{view}_attention_mask"]).logits
-        rows = fp32_logits(response_hidden(model, b[f"{view}_input_ids"], b[f"{view}_attention_mask"],
-                                           b[f"{view}_index"]), head(model))
+        rows = fp32_logits(response_hidden(model, b, view), head(model))
         torch.testing.assert_close(rows, full.flatten(0, 1)[b[f"{view}_index"]], rtol=1e-5, atol=1e-5)
 
 

@@ -57,10 +57,10 @@ def test_cli_run_writes_config_metrics_checkpoints_and_a_loadable_student(small_
     assert gen.shape[1] > ids["input_ids"].shape[1]
 
 
-def _equivalence_run(small_data, out, mb, accum, procs):
+def _equivalence_run(small_data, out, mb, accum, procs, packing=False):
     args = tiny_overrides(small_data, out, **{
         "train.micro_batch_size": mb, "train.grad_accum_steps": accum, "train.max_steps": 3,
-        "optim.max_grad_norm": 0, "data.eval_files": "[]", "data.eval_fraction": 0})
+        "optim.max_grad_norm": 0, "data.eval_files": "[]", "data.eval_fraction": 0, "data.packing": packing})
     run_cli(["--config", DEMO, *args], procs=procs)
     return metrics(out), weights(out)
 
@@ -68,10 +68,11 @@ def _equivalence_run(small_data, out, mb, accum, procs):
 @pytest.mark.slow
 def test_gradients_equal_across_micro_batch_accumulation_and_ranks(small_data, tmp_path):
     """The normaliser is the global response-token count of the optimizer step: (8, 1), (2, 4) and
-    2 ranks x (4, 1) see the same examples per step and must produce the same gradients."""
+    2 ranks x (4, 1) see the same examples per step and must produce the same gradients; so must
+    2 ranks with packed micro-batches (packing changes nothing but speed)."""
     ref_rows, ref_w = _equivalence_run(small_data, tmp_path / "a", 8, 1, 0)
-    for name, mb, accum, procs in (("b", 2, 4, 0), ("c", 4, 1, 2)):
-        rows, w = _equivalence_run(small_data, tmp_path / name, mb, accum, procs)
+    for name, mb, accum, procs, packing in (("b", 2, 4, 0, False), ("c", 4, 1, 2, False), ("d", 4, 1, 2, True)):
+        rows, w = _equivalence_run(small_data, tmp_path / name, mb, accum, procs, packing)
         for r, ref in zip(rows, ref_rows, strict=True):
             assert r["train/response_tokens"] == ref["train/response_tokens"]
             # grad_norm is taken before the update: it checks the gradients, not only Adam's output
@@ -204,6 +205,23 @@ def test_chunked_and_dense_training_agree(small_data, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
     for k in wd:
         torch.testing.assert_close(wc[k], wd[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_packed_and_padded_training_agree(small_data, tmp_path):
+    runs = {}
+    for packing in ("false", "true"):
+        out = tmp_path / packing
+        run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
+            "data.packing": packing, "train.eval_every": 3, "loss.divergence": "jsd"})])
+        runs[packing] = (metrics(out), weights(out))
+    (rp, wp), (rk, wk) = runs["false"], runs["true"]
+    for a, b in zip(rp, rk, strict=True):
+        assert a["train/response_tokens"] == b["train/response_tokens"]
+        for key in ("train/loss", "train/ce", "train/kd", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert b["train/tokens_per_s"] > 0
+    for k in wp:
+        torch.testing.assert_close(wk[k], wp[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_multi_turn_sharegpt_and_save_to_disk_data_train_from_the_cli(small_data, tmp_path):

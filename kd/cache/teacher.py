@@ -21,8 +21,7 @@ class CachedDistiller(Distiller):
 
     def forward(self, batch: dict, cached: CachedTopK | None, teacher_head=None):
         spec = self.spec if cached is not None else self.spec.replace(alpha=1.0)
-        h = response_hidden(self.student, batch["student_input_ids"], batch["student_attention_mask"],
-                            batch["student_index"])
+        h = response_hidden(self.student, batch, "student")
         s_head = head(self.student)
         labels = batch["labels"]
         if cached is None:  # CE only (alpha = 1): empty teacher rows keep one code path
@@ -51,7 +50,7 @@ class CachedDistiller(Distiller):
 def cached_eval_sums(student, cache: TeacherCache, batch: dict, spec: LossSpec) -> dict[str, torch.Tensor]:
     """`kd.forward.eval_sums` against the cached eval split: CE (exact), the bucketed divergence,
     the configured total, and top-1 agreement (exact: the cached ids are sorted)."""
-    hs = response_hidden(student, batch["student_input_ids"], batch["student_attention_mask"], batch["student_index"])
+    hs = response_hidden(student, batch, "student")
     with gathered(head(student).weight):  # ZeRO-3: the head is used outside its module's forward
         s_logits = fp32_logits(hs, head(student))[:, :spec.vocab_size]
     rows = cache.lookup(batch, "eval")

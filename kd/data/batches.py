@@ -30,6 +30,32 @@ def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -
         out[f"{view}_input_ids"] = ids
         out[f"{view}_attention_mask"] = mask
         out[f"{view}_index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    return _targets(examples, keep, out)
+
+
+def collate_packed(examples: list[dict], pad_id: int | None = None, keep: list[bool] | None = None) -> dict:
+    """The same examples as `collate`, each view concatenated into one row with no padding:
+    `<view>_position_ids` restart at every example (so attention never crosses examples) and
+    there is no attention mask. Labels and their order are those of `collate`."""
+    keep = keep or [True] * len(examples)
+    out = {}
+    for view in ("teacher", "student"):
+        ids, pos, index, offset = [], [], [], 0
+        for e, k in zip(examples, keep):
+            seq = e[f"{view}_ids"]
+            ids += seq
+            pos += range(len(seq))
+            if k:
+                for start, n in zip(e[f"{view}_starts"], e["target_lens"]):
+                    index.append(torch.arange(start - 1, start - 1 + n) + offset)
+            offset += len(seq)
+        out[f"{view}_input_ids"] = torch.tensor([ids], dtype=torch.long)
+        out[f"{view}_position_ids"] = torch.tensor([pos], dtype=torch.long)
+        out[f"{view}_index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    return _targets(examples, keep, out)
+
+
+def _targets(examples: list[dict], keep: list[bool], out: dict) -> dict:
     labels = [torch.tensor(e["student_ids"][start:start + n], dtype=torch.long)
               for e, k in zip(examples, keep) if k for start, n in zip(e["student_starts"], e["target_lens"])]
     out["labels"] = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
@@ -39,6 +65,28 @@ def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -
     return out
 
 
+def tokens_in(batch: dict, view: str = "student") -> int:
+    """Tokens the model reads for a view, padding included (a packed row has none)."""
+    return int(batch[f"{view}_input_ids"].numel())
+
+
+def real_tokens(batch: dict, view: str = "student") -> int:
+    mask = batch.get(f"{view}_attention_mask")
+    return int(mask.sum()) if mask is not None else tokens_in(batch, view)
+
+
+def example_lengths(dataset) -> list[int]:
+    """Longer view's length per example, read from the Arrow column lengths (no row decoding)."""
+    import numpy as np
+
+    tbl = dataset.with_format("arrow")[:] if hasattr(dataset, "with_format") else None
+    if tbl is None:
+        return [max(len(e["teacher_ids"]), len(e["student_ids"])) for e in dataset]
+    t = np.asarray(tbl.column("teacher_ids").combine_chunks().value_lengths())
+    s = np.asarray(tbl.column("student_ids").combine_chunks().value_lengths())
+    return np.maximum(t, s).tolist()
+
+
 class MicroBatchSampler:
     """Micro-batch k of this rank, as a pure function of k.
 
@@ -46,12 +94,20 @@ class MicroBatchSampler:
     [j*B*W, (j+1)*B*W) and rank r takes its r-th block of B. One optimizer step consumes the same
     examples whatever the split into micro-batch size, accumulation and ranks, and resuming only
     needs k. An epoch is a whole number of optimizer steps (so epoch boundaries fall on the same
-    step for every split); its incomplete tail is skipped, and every rank runs the same forwards.
+    step for every split); its incomplete tail is said at start, and every rank runs the same forwards.
+
+    With `lengths` (data.group_by_length), each epoch's permutation is cut into mega-batches of
+    50 global micro-batches, each sorted by length, cut into global micro-batches, and the order
+    of those is shuffled (seeded): examples of similar length share a micro-batch (little
+    padding), still a pure function of (seed, epoch), so resume is exact.
     """
 
+    MEGA = 50
+
     def __init__(self, n: int, micro_batch_size: int, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True, accum: int = 1):
+                 shuffle: bool = True, accum: int = 1, lengths: list[int] | None = None):
         self.n, self.mb, self.world, self.rank, self.seed, self.shuffle = n, micro_batch_size, world_size, rank, seed, shuffle
+        self.lengths = lengths
         self.per_epoch = n // (micro_batch_size * world_size * accum) * accum
         if self.per_epoch == 0:
             raise DataError(f"only {n} training examples, fewer than one optimizer step's global batch "
@@ -65,8 +121,22 @@ class MicroBatchSampler:
                 self._perm = torch.randperm(self.n, generator=g).tolist()
             else:
                 self._perm = list(range(self.n))
+            if self.lengths is not None:
+                self._perm = self._grouped(self._perm, epoch)
             self._epoch = epoch
         return self._perm
+
+    def _grouped(self, perm: list[int], epoch: int) -> list[int]:
+        g_size = self.mb * self.world
+        used = self.per_epoch * g_size
+        mega = g_size * self.MEGA
+        grouped = []
+        for i in range(0, used, mega):
+            grouped += sorted(perm[i:min(i + mega, used)], key=lambda j: -self.lengths[j])
+        batches = [grouped[i:i + g_size] for i in range(0, used, g_size)]
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7_919)
+        order = torch.randperm(len(batches), generator=g).tolist() if self.shuffle else range(len(batches))
+        return [j for b in order for j in batches[b]] + perm[used:]
 
     def indices(self, k: int) -> list[int]:
         epoch, j = divmod(k, self.per_epoch)
@@ -97,10 +167,12 @@ class _Stream(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def train_loader(dataset, sampler: MicroBatchSampler, pad_id: int, start: int, stop: int):
-    """Micro-batches start..stop-1 of this rank (a DataLoader, so workers/pinning can be added)."""
+def train_loader(dataset, sampler: MicroBatchSampler, pad_id: int, start: int, stop: int, packing: bool = False):
+    """Micro-batches start..stop-1 of this rank (a DataLoader, so workers/pinning can be added),
+    padded or packed (data.packing)."""
+    fn = collate_packed if packing else collate
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=_Stream(sampler, start, stop), collate_fn=lambda ex: collate(ex, pad_id)
+        dataset, batch_sampler=_Stream(sampler, start, stop), collate_fn=lambda ex: fn(ex, pad_id)
     )
 
 

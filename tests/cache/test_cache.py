@@ -17,7 +17,7 @@ from kd.cache.build import build_cache
 from kd.cache.store import CacheError, TeacherCache
 from kd.cache.teacher import CachedDistiller
 from kd.config import load_config
-from kd.data import build_datasets, collate
+from kd.data import build_datasets, collate, collate_packed
 from kd.forward import Distiller, fp32_logits, head, teacher_forward
 from kd.loss import LossSpec
 from kd.loss.topk import bucket_logprobs
@@ -85,6 +85,25 @@ def test_round_trip_topk_exact_and_tail_mass_exact_at_t1(built):
     assert m["splits"]["train"]["examples"] == 48 and m["splits"]["eval"]["examples"] == 16
     assert sorted(p.name for p in path.iterdir()) == [
         "eval-00000.safetensors", "manifest.json", *(f"train-0000{i}.safetensors" for i in range(3))]
+
+
+def test_cached_training_is_the_same_packed_or_padded(built):
+    cfg, _ = built
+    tok, train, evald = datasets(cfg)
+    cache = TeacherCache.open(cfg, tok, train, evald)
+    exs = [train[i] for i in (3, 0, 7, 12, 5)]
+    spec = LossSpec(len(tok), alpha=0.3, temperature=2.0, chunk_size=37)
+    out = []
+    for batch in (collate(exs, tok.pad_token_id), collate_packed(exs)):
+        student = load_student(cfg, len(tok), "cpu")
+        parts = CachedDistiller(student, spec)(batch, cache.lookup(batch, "train"))
+        parts["weighted_sum"].backward()
+        out.append((parts, [p.grad.clone() for p in student.parameters()]))
+    (a, ga), (b, gb) = out
+    for key in ("weighted_sum", "ce_sum", "kd_sum"):
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5, msg=key)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-6)
 
 
 def test_cached_distiller_equals_live_distiller_when_k_is_the_vocabulary(small_data, tmp_path):
