@@ -83,9 +83,12 @@ def tokenised(cfg: DataConfig, tokenizer, seed: int, build, log=print):
                 evald.save_to_disk(str(tmp / "eval"))
             stats = {"train": train_stats.to_json(), "eval": eval_stats.to_json() if eval_stats else None}
             (tmp / COMPLETE).write_text(json.dumps(stats, indent=1))
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-            log(f"tokenised views stored in {path}")
+            try:  # atomic; a concurrent run (e.g. parallel experiment jobs) may have stored them first
+                os.replace(tmp, path)
+                log(f"tokenised views stored in {path}")
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                log(f"tokenised views read from {path} (stored by a concurrent run)")
         elif state.is_main_process:
             log(f"tokenised views read from {path}")
         stats = json.loads((path / COMPLETE).read_text())
