@@ -142,7 +142,7 @@ def test_bad_data_fails_in_one_line(small_data, tmp_path):
     res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run"), f"data.train_files=[{bad}]"],
                   check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == f"kd: error: {bad} row 49: missing 'response' (need prompt+response or messages)"
+    assert res.stderr.strip().splitlines()[-1] == f"kd: error: {bad} row 49: missing 'response' (need prompt+response, messages or conversations)"
 
 
 def test_mismatched_tokenizers_are_refused(small_data, tmp_path):

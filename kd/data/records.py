@@ -59,7 +59,11 @@ def to_conversation(rec: dict, where: str) -> tuple[str | None, list[dict]]:
 
 
 def _schema_hint(rec: dict) -> str:
+    """A mapping suggestion when the data's columns are another schema's (not when one row lacks a
+    value the schema has)."""
     cols = {k for k in rec if not k.startswith("_")}
+    if cols & {"prompt", "response", "messages", "conversations"}:
+        return ""
     for known, mapping in KNOWN_SCHEMAS.items():
         if set(known) <= cols:
             return f"; the data has columns {', '.join(sorted(cols))}: map them with data.columns={mapping}"
