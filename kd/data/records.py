@@ -51,18 +51,18 @@ def to_conversation(rec: dict, where: str) -> tuple[str | None, list[dict]]:
         if not isinstance(rec.get(key), str):
             what = "missing" if rec.get(key) is None else "not a string:"
             raise DataError(f"{where}: {what} '{key}' (need prompt+response, messages or conversations)"
-                            + _schema_hint(rec))
+                            + _schema_hint(rec, key))
     system = rec.get("system")
     if system is not None and not isinstance(system, str):
         raise DataError(f"{where}: 'system' must be a string")
     return system or None, [dict(role="user", content=rec["prompt"]), dict(role="assistant", content=rec["response"])]
 
 
-def _schema_hint(rec: dict) -> str:
-    """A mapping suggestion when the data's columns are another schema's (not when one row lacks a
-    value the schema has)."""
+def _schema_hint(rec: dict, key: str) -> str:
+    """A mapping suggestion when the data has no `key` column at all (not when one row lacks a
+    value the column has elsewhere)."""
     cols = {k for k in rec if not k.startswith("_")}
-    if cols & {"prompt", "response", "messages", "conversations"}:
+    if key in rec:
         return ""
     for known, mapping in KNOWN_SCHEMAS.items():
         if set(known) <= cols:
