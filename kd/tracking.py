@@ -71,7 +71,11 @@ class Tracker:
         self._jsonl.write(json.dumps({"step": step, **row}) + "\n")
         self.accelerator.log(row, step=step)
         if self.bar is not None and "train/loss" in row:
-            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
+            # refreshed now, so the bar shows the loss of the step it just finished
+            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=True)
+        if "eval/ce" in row:  # one compact line per evaluation; the full row is in metrics.jsonl / W&B
+            self.print(f"step {step}: eval ce {row['eval/ce']:.4f}  kd {row['eval/kd']:.4f}  "
+                       f"top-1 agreement {row['eval/top1_agreement']:.1%}  ({row['eval/tokens']:.0f} tokens)")
 
     def advance(self) -> None:
         if self.bar is not None:

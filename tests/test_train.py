@@ -244,6 +244,7 @@ def test_multi_turn_sharegpt_and_save_to_disk_data_train_from_the_cli(small_data
         "data.train_files": f"[{train}]", "data.eval_files": f"[{tmp_path / 'evalset'}]", "train.max_steps": "null",
         "train.epochs": 2, "train.micro_batch_size": 4, "data.max_length": 512})])
     assert "train data: 16 examples" in res.stdout and "eval data: 4 examples" in res.stdout
+    assert "step 8: eval ce " in res.stdout and "top-1 agreement" in res.stdout  # eval on the console
     assert "4 optimizer steps per epoch" in res.stdout and "train.epochs=2.0: 8 optimizer steps" in res.stdout
     rows = metrics(out)
     assert rows[-1]["step"] == 8 and rows[-1]["train/epoch"] == 2.0 and "eval/ce" in rows[-1]
