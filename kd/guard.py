@@ -8,6 +8,8 @@ inside it) and the clip's own.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kd.errors import KDError
@@ -41,10 +43,6 @@ def culprit(teacher_bad: float, loss_parts: list[float]) -> str | None:
     """What went non-finite in a step's forward, or None."""
     if teacher_bad > 0:
         return "the teacher's outputs"
-    if not all(map(_finite, loss_parts)):
+    if not all(map(math.isfinite, loss_parts)):
         return "the student's loss"
     return None
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")

@@ -58,6 +58,20 @@ def small_data(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir(tmp_path_factory) -> Path:
+    """The real 32000-entry LLaMA-style SentencePiece vocabulary (shipped inside mistral-common),
+    as a directory AutoTokenizer loads offline."""
+    import shutil
+
+    mc = pytest.importorskip("mistral_common")
+    d = tmp_path_factory.mktemp("llama_tok")
+    shutil.copy(Path(mc.__file__).parent / "data" / "tokenizer.model.v1", d / "tokenizer.model")
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    return d
+
+
 def tiny_overrides(data: dict[str, str], out: Path, **extra) -> list[str]:
     """Overrides that make the demo config a seconds-long run on `small_data`."""
     base = {

@@ -29,9 +29,6 @@ from kd.config import DataConfig
 from kd.data.records import load_records, renamed, to_conversation, to_messages
 from kd.errors import DataError
 
-TARGETS = ("all_assistant", "last")
-
-
 def _system_views(system, erase, generic_system):
     teacher = [dict(role="system", content=system)] if system else []
     if not erase:
@@ -68,10 +65,10 @@ def render_views(
     return t_ids, s_ids, enc(t_tail)
 
 
-def segments(msgs: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
-    """One view's conversation as text segments [(context, False), (assistant turn, True), ...]:
-    each assistant turn is what the template adds after rendering the conversation up to it with
-    a generation prompt; trailing whitespace after its end-of-turn marker goes to the next context."""
+def segments(msgs: list[dict], tokenizer, where: str) -> list[tuple[str, str]]:
+    """One view's conversation as (context, assistant turn) text pairs: each assistant turn is
+    what the template adds after rendering the conversation up to it with a generation prompt;
+    trailing whitespace after its end-of-turn marker goes to the next context."""
     out, prev = [], ""
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
@@ -82,7 +79,7 @@ def segments(msgs: list[dict], tokenizer, where: str) -> list[tuple[str, bool]]:
             raise DataError(f"{where}: the chat template does not render each turn as a prefix of the next "
                             f"(it rewrites earlier turns); use data.targets=last for such templates")
         answer = full[len(prompt):].rstrip()
-        out += [(prompt[len(prev):], False), (answer, True)]
+        out.append((prompt[len(prev):], answer))
         prev = prompt + answer
     return out
 
@@ -97,15 +94,14 @@ class Views:
     student_starts: list[int] = field(default_factory=list)
     target_lens: list[int] = field(default_factory=list)
 
-    def add(self, t_ctx: list[int], s_ctx: list[int], target: list[int] | None) -> None:
+    def add(self, t_ctx: list[int], s_ctx: list[int], target: list[int]) -> None:
         self.teacher_ids += t_ctx
         self.student_ids += s_ctx
-        if target:
-            self.teacher_starts.append(len(self.teacher_ids))
-            self.student_starts.append(len(self.student_ids))
-            self.target_lens.append(len(target))
-            self.teacher_ids += target
-            self.student_ids += target
+        self.teacher_starts.append(len(self.teacher_ids))
+        self.student_starts.append(len(self.student_ids))
+        self.target_lens.append(len(target))
+        self.teacher_ids += target
+        self.student_ids += target
 
     def row(self) -> dict:
         return dict(teacher_ids=self.teacher_ids, student_ids=self.student_ids, teacher_starts=self.teacher_starts,
@@ -154,10 +150,10 @@ def conversation_views(rec: dict, tokenizer, *, erase: bool, generic_system: str
             return v.row(), {"truncated": cut or dropped > 0, "turns_dropped": dropped}
         t_seg = segments(t_sys + keep, tokenizer, where)
         s_seg = t_seg if s_sys is t_sys else segments(s_sys + keep, tokenizer, where)
-        if t_seg[1::2] != s_seg[1::2]:
+        if [a for _, a in t_seg] != [a for _, a in s_seg]:
             raise DataError(f"{where}: the chat template renders the assistant turns differently in the two views")
         v = Views()
-        for (t_ctx, _), (s_ctx, _), (answer, _) in zip(t_seg[0::2], s_seg[0::2], t_seg[1::2]):
+        for (t_ctx, answer), (s_ctx, _) in zip(t_seg, s_seg):
             v.add(enc(t_ctx), enc(s_ctx), enc(answer))
         if max(len(v.teacher_ids), len(v.student_ids)) > max_length:
             dropped += 1
@@ -185,7 +181,6 @@ def erase_coin(seed: int, index: int, p: float) -> bool:
     if p <= 0.0:
         return False
     return random.Random(f"erase-{seed}-{index}").random() < p
-
 
 
 @dataclass

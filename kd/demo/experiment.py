@@ -201,7 +201,6 @@ def summarise(s: dict, teacher_res: dict, runs: dict[str, list[dict]]) -> list[d
 
 
 def render(s: dict, rows: list[dict], meta: dict, command: str, timings: dict) -> str:
-    v0 = next(iter(s["variants"].values()))
     n_eval = timings["n_eval"]
     head = ("| model (evaluated with the generic system message unless noted) | accuracy % | right strategy % | "
             + " | ".join(BUCKETS) + " | eval CE | KL(t‖s) | top-1 agr. % |")

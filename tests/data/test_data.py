@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,14 +23,8 @@ def chatml_tok():
 
 
 @pytest.fixture(scope="module")
-def llama_tok(tmp_path_factory):
-    """The real 32000-entry LLaMA-style SentencePiece vocabulary (shipped inside mistral-common)."""
-    mc = pytest.importorskip("mistral_common")
-    d = tmp_path_factory.mktemp("llama_tok")
-    shutil.copy(Path(mc.__file__).parent / "data" / "tokenizer.model.v1", d / "tokenizer.model")
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    tok = load_tokenizer(str(d), chat_template="llama2")
+def llama_tok(llama_tokenizer_dir):
+    tok = load_tokenizer(str(llama_tokenizer_dir), chat_template="llama2")
     assert len(tok) == 32000
     return tok
 

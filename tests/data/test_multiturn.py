@@ -6,7 +6,6 @@ policy; the on-disk store; file order kept without shuffling."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,6 @@ QWEN = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are Qwe
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    mc = pytest.importorskip("mistral_common")
-    d = tmp_path_factory.mktemp("llama_tok")
-    shutil.copy(Path(mc.__file__).parent / "data" / "tokenizer.model.v1", d / "tokenizer.model")
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    return d
-
-
 def _llama3(llama_dir):
     tok = load_tokenizer(str(llama_dir), chat_template=LLAMA3)
     tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
@@ -56,9 +45,10 @@ TEMPLATES = {  # name -> (tokenizer factory, end-of-turn marker)
 
 @pytest.mark.parametrize("template", sorted(TEMPLATES))
 @pytest.mark.parametrize("generic", [None, "You are a helpful assistant."])
-def test_every_assistant_turn_is_a_target_with_identical_ids_in_both_views(template, generic, llama_dir):
+def test_every_assistant_turn_is_a_target_with_identical_ids_in_both_views(template, generic,
+                                                                            llama_tokenizer_dir):
     make, marker = TEMPLATES[template]
-    tok = make(llama_dir)
+    tok = make(llama_tokenizer_dir)
     row, how = conversation_views({"messages": CONV}, tok, erase=True, generic_system=generic,
                                   targets="all_assistant", max_length=4096, min_prompt=8)
     assert how == {"truncated": False, "turns_dropped": 0} and len(row["target_lens"]) == 3
