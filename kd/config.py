@@ -123,6 +123,8 @@ class DataConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError("data.eval_fraction must be in [0, 1)")
         _choice("data.targets", self.targets, ("all_assistant", "last"))
+        if self.store is False or str(self.store).lower() in ("off", "false", "none", "no", ""):
+            self.store = "off"  # YAML reads a bare `off` as false
 
     @property
     def erase_probability(self) -> float:

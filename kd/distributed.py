@@ -149,15 +149,26 @@ def global_sum(accelerator: Accelerator, values: list[float] | torch.Tensor) -> 
     return accelerator.reduce(t, reduction="sum") if accelerator.num_processes > 1 else t
 
 
+def reset_peak_memory() -> None:
+    """Start the peak reading afresh (what came before, e.g. tokenising into the data store in
+    this process, is not the training footprint kd.plan estimates)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets VmHWM, the peak resident set size
+    except OSError:
+        pass
+
+
 def memory_gib() -> tuple[float, float]:
-    """(current, peak) memory of this process in GiB: the CUDA allocator on GPU, RSS on CPU."""
+    """(current, peak) memory of this process in GiB: the CUDA allocator on GPU, RSS on CPU
+    (peak since the last reset_peak_memory)."""
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30
-    import resource
-
-    with open("/proc/self/statm") as fh:
-        rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return rss / 2**30, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    return int(status["VmRSS"].split()[0]) / 2**20, int(status["VmHWM"].split()[0]) / 2**20
 
 
 def first_failure(accelerator: Accelerator, failure: str) -> str:

@@ -25,7 +25,7 @@ from kd.cache.teacher import CachedDistiller, cached_eval_sums
 from kd.config import Config, ConfigError, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, example_lengths, real_tokens, train_loader
 from kd.distributed import (first_failure, gathered, global_sum, is_deepspeed, local_numel, make_accelerator,
-                            memory_gib, shard_teacher, teacher_zero3_config, zero3_loading)
+                            memory_gib, reset_peak_memory, shard_teacher, teacher_zero3_config, zero3_loading)
 from kd.forward import Distiller, eval_sums, head, isolates_packed_sequences, teacher_forward
 from kd.guard import NonFiniteError, culprit, teacher_broken, teacher_nonfinite
 from kd.loss import LossSpec
@@ -145,6 +145,7 @@ def train(cfg: Config) -> dict:
         (Path(cfg.train.output_dir) / "config.yaml").write_text(to_yaml(cfg))
 
     device_type = accelerator.device.type
+    reset_peak_memory()  # the data build (tokenising) is not part of the training footprint
     base_mem = memory_gib()[0]  # before any model: what kd.plan's estimate is compared with
     # Under DeepSpeed the teacher is partitioned while it loads (ZeRO-3 inference), never replicated.
     teacher_ds = teacher_zero3_config(accelerator, cfg, teacher_hidden_size(cfg)) \

@@ -29,7 +29,7 @@ def kd_home() -> Path:
 
 
 def store_root(cfg: DataConfig) -> Path | None:
-    if cfg.store in (None, "off", "none", ""):
+    if cfg.store in (None, "off"):
         return None
     return kd_home() / "tokenised" if cfg.store == "auto" else Path(cfg.store)
 
