@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import xxhash
 
+from kd import lora
 from kd.distributed import first_failure, is_deepspeed
 from kd.errors import KDError
 
@@ -190,6 +191,16 @@ def _engine(accelerator, model):
     return model if is_deepspeed(accelerator) else None
 
 
+def _partial(module) -> bool:
+    """Does the module hold frozen parameters (a LoRA student's base weights)? Those come from the
+    model's own files on every start, so checkpoints carry only what trains."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def _trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
 # --------------------------------------------------------------------------- save
 
 
@@ -215,10 +226,15 @@ def save(accelerator, model, optimizer, output_dir: str, step: int, state: dict,
     if not failure:
         try:
             engine = _engine(accelerator, model)
+            partial = _partial(accelerator.unwrap_model(model))
             if engine is not None:  # collective: every rank writes its partitions
-                engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False)
+                engine.save_checkpoint(str(tmp / ENGINE_DIR), tag=ENGINE_TAG, save_latest=False,
+                                       exclude_frozen_parameters=partial)
             elif accelerator.is_main_process:
-                save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+                if partial:  # a LoRA student: the adapters (and modules trained in full) only
+                    save_file(_trainable(accelerator.unwrap_model(model)), str(tmp / MODEL_FILE))
+                else:
+                    save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
                 tensors, structure = _optimizer_to_tensors(optimizer.state_dict())
                 save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"structure": structure})
             tensors, meta = _rng_state()
@@ -333,13 +349,20 @@ def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
     if engine is not None:
         with _weights_only_engine_loads(engine):
             loaded, _ = engine.load_checkpoint(str(path / ENGINE_DIR), tag=ENGINE_TAG, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
+                                               load_lr_scheduler_states=False,
+                                               load_module_strict=not _partial(accelerator.unwrap_model(model)))
         if loaded is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load its engine state")
     else:
         device = accelerator.device
-        missing, unexpected = load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE), strict=False,
-                                         device=str(device))
+        module = accelerator.unwrap_model(model)
+        if _partial(module):
+            found = load_file(str(path / MODEL_FILE), device=str(device))
+            missing, unexpected = module.load_state_dict(found, strict=False)
+            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+            missing, unexpected = trainable - found.keys(), set(unexpected)
+        else:
+            missing, unexpected = load_model(module, str(path / MODEL_FILE), strict=False, device=str(device))
         if missing or unexpected:
             raise CheckpointError(f"{path / MODEL_FILE} does not fit this model (missing {sorted(missing)[:3]}, "
                                   f"unexpected {sorted(unexpected)[:3]})")
@@ -400,10 +423,11 @@ def _safe_torch_load(path, map_location=None):
 # --------------------------------------------------------------------------- export
 
 
-def export(accelerator, distiller, tokenizer, output_dir: str) -> Path:
+def export(accelerator, distiller, tokenizer, output_dir: str, mode: str = "full") -> Path:
     """The student inside the prepared Distiller -> save_pretrained + tokenizer in
     <output_dir>/student, atomically. Collective (gathers sharded weights where needed).
-    Refuses (CheckpointError) to write a student with a non-finite weight."""
+    A LoRA student is merged into full weights (mode full) or written as its peft adapter (mode
+    adapter). Refuses (CheckpointError) to write a student with a non-finite weight."""
     out = Path(output_dir) / "student"
     tmp = Path(output_dir) / ".student.partial"
     full = accelerator.get_state_dict(distiller)
@@ -418,11 +442,18 @@ def export(accelerator, distiller, tokenizer, output_dir: str) -> Path:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         student = accelerator.unwrap_model(distiller).student
-        if getattr(student.config, "tie_word_embeddings", False):
-            # a gathered (ZeRO) state dict holds tied weights as separate copies: keep the source only
-            for key in getattr(student, "_tied_weights_keys", None) or {}:
-                state_dict.pop(key, None)
-        student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if lora.is_adapted(student) and mode == "adapter":
+            student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        elif lora.is_adapted(student):
+            # the merge adds into the base weights: on copies, never into the live (ungathered) ones
+            state_dict = {k: v.detach().clone() if ".base_layer." in k else v for k, v in state_dict.items()}
+            lora.merged(student, state_dict).save_pretrained(tmp, safe_serialization=True)
+        else:
+            if getattr(student.config, "tie_word_embeddings", False):
+                # a gathered (ZeRO) state dict holds tied weights as separate copies: keep the source only
+                for key in getattr(student, "_tied_weights_keys", None) or {}:
+                    state_dict.pop(key, None)
+            student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

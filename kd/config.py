@@ -46,6 +46,37 @@ class TeacherConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = 0
+    """LoRA rank r; 0 trains the whole student (full fine-tuning). With r > 0 the student is wrapped
+    by peft and only the adapters (and student.lora.modules_to_save) are trained."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / rank) * B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names (or name suffixes) that get adapters; all-linear = every linear layer of the
+    decoder except the output layer. The lm_head cannot carry an adapter (the loss projects with
+    its weight directly): name it in modules_to_save to train it fully."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, e.g. [lm_head] or [embed_tokens, lm_head]."""
+    init_from: Optional[str] = None
+    """A peft adapter directory to start from (its own rank, alpha and targets are used)."""
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ConfigError("student.lora.rank must be >= 0 (0 = full fine-tuning)")
+        if self.init_from is None and self.rank > 0 and not self.target_modules:
+            raise ConfigError("student.lora.target_modules is empty; name modules or use [all-linear]")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("student.lora.dropout must be in [0, 1)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0 or self.init_from is not None
+
+
+@dataclass
 class StudentConfig:
     name_or_path: str = MISSING
     """Hub id, local directory, or `builtin:<name>`. The student's tokenizer is the one used."""
@@ -55,6 +86,8 @@ class StudentConfig:
     """Passed to from_pretrained."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Parameter-efficient student (peft LoRA); see the student.lora.* keys."""
 
     def __post_init__(self):
         _choice("student.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
@@ -197,6 +230,12 @@ class OptimConfig:
     """Cosine decay ends at lr * min_lr_ratio at train.max_steps."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
+    implementation: str = "auto"
+    """AdamW kernel: auto (fused where torch has a fused kernel for the device, else foreach),
+    fused, foreach (one multi-tensor call per group), or for_loop (torch's per-parameter loop)."""
+
+    def __post_init__(self):
+        _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
 
 
 @dataclass
@@ -226,8 +265,10 @@ class TrainConfig:
     """How many recent checkpoints to keep (older ones are deleted after a new one is complete)."""
     resume: str = "latest"
     """latest (resume from output_dir's latest checkpoint if any), a checkpoint path, or off."""
-    export: bool = True
-    """Write the final student with save_pretrained + tokenizer to <output_dir>/student/."""
+    export: str = "full"
+    """full (or true): the final student as save_pretrained weights + tokenizer in
+    <output_dir>/student/ (a LoRA student merged into full weights, loadable without peft);
+    adapter: a LoRA student's peft adapter only; off (or false): no export."""
     resume_changes: str = "refuse"
     """refuse: resuming with a config that changes the trajectory (data, lengths, batch, seed,
     models, loss, optimizer, schedule, world size) stops with the changed keys listed; allow: every
@@ -242,6 +283,9 @@ class TrainConfig:
     """With on_nonfinite=skip: stop after this many non-finite steps in a row."""
 
     def __post_init__(self):
+        self.export = {"true": "full", "on": "full", "false": "off", "no": "off", "none": "off"}.get(
+            str(self.export).lower(), str(self.export))  # YAML reads bare true/false/off as booleans
+        _choice("train.export", self.export, ("full", "adapter", "off"))
         _choice("train.resume_changes", self.resume_changes, ("refuse", "allow"))
         _choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         if self.max_skipped_steps < 1:
@@ -289,6 +333,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
+    def __post_init__(self):
+        if self.train.export == "adapter" and not self.student.lora.enabled:
+            raise ConfigError("train.export=adapter needs a LoRA student (student.lora.rank > 0); use full or off")
+
 
 def _choice(key: str, value: str, allowed) -> None:
     if value not in allowed:
@@ -315,16 +363,19 @@ def trajectory_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[s
     return out
 
 
-def all_keys(cls=Config, prefix: str = "") -> list[str]:
-    """Every dotted key of the config schema, e.g. ['teacher.name_or_path', ...]."""
-    keys = []
+def _leaves(cls=Config, prefix: str = ""):
+    """(dotted key, dataclass, field name) for every leaf of the schema, nested groups walked."""
     for f in fields(cls):
         typ = f.default_factory if f.default_factory is not MISSING and is_dataclass(f.default_factory) else None
         if typ is not None:
-            keys += all_keys(typ, prefix + f.name + ".")
+            yield from _leaves(typ, prefix + f.name + ".")
         else:
-            keys.append(prefix + f.name)
-    return keys
+            yield prefix + f.name, cls, f.name
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the config schema, e.g. ['teacher.name_or_path', ..., 'student.lora.rank']."""
+    return [key for key, _, _ in _leaves()]
 
 
 def _explain(exc: OmegaConfBaseException, where: str) -> str:
@@ -400,7 +451,7 @@ def flat_dict(cfg: Config) -> dict[str, Any]:
 
 
 def reference() -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every field, docs taken from the string under each field."""
+    """(key, default, doc) for every leaf, docs taken from the string under each field."""
     import ast
     import inspect
 
@@ -411,23 +462,20 @@ def reference() -> list[tuple[str, str, str]]:
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[(cls.name, node.target.id)] = " ".join(str(nxt.value.value).split())
-    rows = []
     defaults = flat_dict_defaults()
-    for group in fields(Config):
-        for f in fields(group.default_factory):
-            key = f"{group.name}.{f.name}"
-            rows.append((key, defaults.get(key, "???"), docs.get((group.default_factory.__name__, f.name), "")))
-    return rows
+    return [(key, defaults[key], docs.get((cls.__name__, name), "")) for key, cls, name in _leaves()]
 
 
 def flat_dict_defaults() -> dict[str, str]:
     c = OmegaConf.structured(Config)
     out = {}
     for key in all_keys():
-        node = OmegaConf.select(c, key, throw_on_missing=False)
-        group, leaf = key.split(".", 1)
-        missing = OmegaConf.is_missing(c[group], leaf)
-        out[key] = "(required)" if missing else repr(node if not OmegaConf.is_config(node) else OmegaConf.to_container(node))
+        parent, _, leaf = key.rpartition(".")
+        if OmegaConf.is_missing(OmegaConf.select(c, parent), leaf):
+            out[key] = "(required)"
+            continue
+        node = OmegaConf.select(c, key)
+        out[key] = repr(node if not OmegaConf.is_config(node) else OmegaConf.to_container(node))
     return out
 
 

@@ -13,9 +13,18 @@ from einops import rearrange
 from torch import nn
 
 from kd.distributed import gathered
+from kd.lora import is_adapted
 from kd.loss.chunked import chunked_kd_loss
 from kd.loss.dense import kd_loss, token_losses
 from kd.loss.spec import LossSpec
+
+
+def body(model) -> nn.Module:
+    """The decoder stack under the lm_head, which returns hidden states. For a peft (LoRA) student
+    that is its base model's, where peft has put the adapters in place."""
+    if is_adapted(model):
+        model = model.get_base_model()
+    return model.base_model
 
 
 def response_hidden(model, batch: dict, view: str) -> torch.Tensor:
@@ -23,7 +32,7 @@ def response_hidden(model, batch: dict, view: str) -> torch.Tensor:
     `<view>_index` of its [B, L] ids: [N, H]. A packed batch (one row, `<view>_position_ids`
     restarting at each example, no attention mask) keeps its examples apart through the
     position ids (transformers builds the block-diagonal causal mask from them)."""
-    out = model.base_model(input_ids=batch[f"{view}_input_ids"], attention_mask=batch.get(f"{view}_attention_mask"),
+    out = body(model)(input_ids=batch[f"{view}_input_ids"], attention_mask=batch.get(f"{view}_attention_mask"),
                            position_ids=batch.get(f"{view}_position_ids"), use_cache=False)
     return rearrange(out.last_hidden_state, "b l h -> (b l) h").index_select(0, batch[f"{view}_index"])
 
@@ -37,9 +46,9 @@ def isolates_packed_sequences(model, vocab_size: int) -> bool:
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, vocab_size, (1, n), generator=g).to(device) for n in (6, 5))
     model.eval()  # no dropout: the check must not draw from the training RNG
-    separate = torch.cat([model.base_model(input_ids=x, use_cache=False).last_hidden_state[0] for x in (a, b)])
+    separate = torch.cat([body(model)(input_ids=x, use_cache=False).last_hidden_state[0] for x in (a, b)])
     pos = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
-    packed = model.base_model(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).last_hidden_state[0]
+    packed = body(model)(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).last_hidden_state[0]
     model.train(was_training)
     err = (packed.float() - separate.float()).abs().max() / separate.float().abs().max().clamp_min(1e-6)
     return bool(err < 1e-2)

@@ -137,6 +137,10 @@ def load_student(cfg: Config, vocab_size: int, device_type: str):
     if cfg.student.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
+    if cfg.student.lora.enabled:
+        from kd import lora
+
+        student = lora.wrap(student, cfg.student.lora)
     return student.train()
 
 

@@ -1,18 +1,26 @@
-"""Dataset generation from a teacher: greedy responses to prompts, written as a distillation set.
+"""Dataset generation from a teacher: responses to prompts, written as a distillation set.
 
     python -m kd.generate --model builtin:tiny-teacher --input data/demo/train.jsonl --output gen.jsonl
+    python -m kd.generate --model meta-llama/Llama-2-70b-hf --chat-template llama2 --input chats.jsonl \
+        --output gen.jsonl --temperature 0.7 --top-p 0.9 --num-samples 4 --seed 1
     accelerate launch -m kd.generate --model <teacher> --input in.jsonl --output out.jsonl
 
-Each input record needs a `prompt`; `system` (the strategy instruction) is optional. The model
-sees the record's own instruction (`--system strategy`), GENERIC_SYSTEM (`generic`) or no
-system message (`none`). Output records keep every input field, in input order, with `response`
-replaced by the generated text, so the file feeds straight into kd.train.
+Input: every record format kd.train reads ({system?, prompt, response?}, `messages`, ShareGPT
+`conversations`; .jsonl, .json, .parquet or a save_to_disk directory). A conversation is answered
+after its last user turn: one ending on an assistant turn has that turn regenerated. The model sees
+the record's own instruction (`--system strategy`), GENERIC_SYSTEM (`generic`) or no system message
+(`none`). Output records keep every input field, in input order, with the answer in `response` (or
+as the conversation's last assistant turn), so the file feeds straight into kd.train. Decoding is
+greedy by default; `--temperature` > 0 samples (with `--top-p`), `--num-samples` answers per
+record (each written as its own record with a `sample` index), seeded by `--seed`.
 
-Under `accelerate launch` every rank takes the strided shard records[rank::world], writes it to a
-shard file beside --output, and rank 0 interleaves the shards back into input order. Shard files
-need a filesystem all ranks see (one machine, or a shared mount across nodes).
+Each rank appends finished batches to a shard file beside --output; rank 0 merges the shards into
+input order at the end. An interrupted run is resumed by rerunning the same command: records already
+in the shard files are not generated again (a run with other settings starts afresh, and says so).
+Shard files need a filesystem all ranks see (one machine, or a shared mount across nodes).
 
-`generate_texts` is the one batched generation routine; kd.accuracy uses it too.
+`generate_texts` / `generate_samples` are the one batched generation routine; kd.accuracy and
+kd.evaluate use them too.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from kd.cli import one_line_errors, quiet_libraries
@@ -36,58 +45,122 @@ GENERIC_SYSTEM = "You are a helpful assistant."
 # --------------------------------------------------------------------------- records
 
 
-def read_records(path: str, limit: int | None = None, required: tuple[str, ...] = ("prompt",),
+def read_records(path: str, limit: int | None = None, required: tuple[str, ...] = (),
                  validate=None) -> list[dict]:
-    """JSONL records from `path` (blank lines skipped), the first `limit` if given.
+    """Records from `path`, the first `limit` if given: JSONL read line by line (blank lines
+    skipped), or .json / .parquet / a save_to_disk directory through kd.data's loader.
 
     Every record must be a JSON object whose `required` fields are strings and whose `system`,
     if present, is a string or null; `validate(record)` may return a further complaint. Errors
-    are DataErrors naming the file and line.
+    are DataErrors naming the file and line (row).
     """
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise DataError(f"input file not found: {path}")
     out: list[dict] = []
-    with open(p, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: each line must be a JSON object")
-            for key in required:
-                if not isinstance(rec.get(key), str):
-                    what = "missing" if rec.get(key) is None else "not a string:"
-                    raise DataError(f"{path}:{lineno}: {what} '{key}'")
-            if rec.get("system") is not None and not isinstance(rec["system"], str):
-                raise DataError(f"{path}:{lineno}: 'system' must be a string")
-            problem = validate(rec) if validate else None
-            if problem:
-                raise DataError(f"{path}:{lineno}: {problem}")
-            out.append(rec)
+    for where, rec in _rows(p, limit):
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: each line must be a JSON object")
+        for key in required:
+            if not isinstance(rec.get(key), str):
+                what = "missing" if rec.get(key) is None else "not a string:"
+                raise DataError(f"{where}: {what} '{key}'")
+        if rec.get("system") is not None and not isinstance(rec["system"], str):
+            raise DataError(f"{where}: 'system' must be a string")
+        problem = validate(rec) if validate else None
+        if problem:
+            raise DataError(f"{where}: {problem}")
+        out.append(rec)
     if not out:
         raise DataError(f"{path}: no records")
     return out
 
 
-def prompt_messages(record: dict, system_mode: str) -> list[dict]:
-    """Chat messages up to the user turn. `strategy` uses the record's own `system` (no system
-    message if it has none), `generic` uses GENERIC_SYSTEM, `none` drops the system message."""
-    if system_mode == "strategy":
-        system = record.get("system") or None
-    elif system_mode == "generic":
-        system = GENERIC_SYSTEM
-    elif system_mode == "none":
-        system = None
+def _rows(p: Path, limit: int | None):
+    if p.suffix == ".jsonl" and p.is_file():
+        with open(p, encoding="utf-8") as fh:
+            n = 0
+            for lineno, line in enumerate(fh, 1):
+                if limit is not None and n >= limit:
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{lineno}: invalid JSON ({e.msg})") from None
+                n += 1
+                yield f"{p}:{lineno}", rec
+        return
+    from kd.data.records import load_records
+
+    ds = load_records([str(p)])
+    for i in range(len(ds) if limit is None else min(limit, len(ds))):
+        row = ds[i]
+        where = f"{row.pop('_source')}:{row.pop('_row')}"
+        yield where, {k: v for k, v in row.items() if v is not None or k == "system"}
+
+
+def prompt_conversation(record: dict, where: str = "record") -> tuple[str | None, list[dict]]:
+    """-> (strategy instruction or None, the turns to answer: up to and including the last user
+    turn). Any record kd.train reads; a prompt record needs no response, and a conversation may end
+    on the user turn to answer (one ending on an assistant turn has that turn answered anew)."""
+    from kd.data.records import ROLES, to_conversation
+
+    msgs = record.get("messages") if record.get("messages") is not None else record.get("conversations")
+    if msgs is None:
+        if isinstance(record.get("prompt"), str) and record.get("response") is None:
+            record = {**record, "response": ""}
+        system, turns = to_conversation(record, where)
+        return system, turns[:-1]
+    last = msgs[-1] if isinstance(msgs, list) and msgs else None
+    role = last.get("role", last.get("from")) if isinstance(last, dict) else None
+    if isinstance(role, str) and ROLES.get(role.lower()) == "user":  # the turn to answer is the last
+        record = {**record, "messages": [*msgs, {"role": "assistant", "content": ""}]}
+    system, turns = to_conversation(record, where)
+    return system, turns[:-1]
+
+
+def _promptable(record: dict) -> str | None:
+    try:
+        prompt_conversation(record, "@")
+    except DataError as e:
+        return str(e).removeprefix("@: ")
+    return None
+
+
+def read_prompts(path: str, limit: int | None = None) -> list[dict]:
+    """read_records for generation: each record must give a conversation to answer."""
+    return read_records(path, limit, validate=_promptable)
+
+
+def with_response(record: dict, text: str) -> dict:
+    """The record with `text` as its answer: `response` for a prompt record, the last assistant
+    turn (replaced, or appended after the final user turn) for a conversation, in its own style."""
+    key = "messages" if record.get("messages") is not None else "conversations" if record.get("conversations") \
+        is not None else None
+    if key is None:
+        return {**record, "response": text}
+    from kd.data.records import ROLES
+
+    msgs = [dict(m) for m in record[key]]
+    sharegpt = "from" in msgs[-1]
+    role = ROLES.get(str(msgs[-1].get("from" if sharegpt else "role")).lower())
+    if role == "assistant":
+        msgs[-1]["value" if sharegpt else "content"] = text
     else:
+        msgs.append({"from": "gpt", "value": text} if sharegpt else {"role": "assistant", "content": text})
+    return {**record, key: msgs}
+
+
+def prompt_messages(record: dict, system_mode: str) -> list[dict]:
+    """Chat messages up to the user turn to answer. `strategy` uses the record's own instruction
+    (no system message if it has none), `generic` uses GENERIC_SYSTEM, `none` drops it."""
+    if system_mode not in SYSTEM_MODES:
         raise ValueError(f"system_mode must be one of {SYSTEM_MODES}, got {system_mode!r}")
-    msgs = [dict(role="system", content=system)] if system else []
-    return msgs + [dict(role="user", content=record["prompt"])]
+    own, turns = prompt_conversation(record)
+    system = {"strategy": own or None, "generic": GENERIC_SYSTEM, "none": None}[system_mode]
+    return ([dict(role="system", content=system)] if system else []) + turns
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -118,14 +191,39 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def generate_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
-                   max_new_tokens: int = 200) -> list[str]:
-    """Greedy completions of chat `conversations` (each ending on the user turn), in order.
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding: greedy when temperature is 0, else sampling with temperature and top-p; `n`
+    answers per prompt; `seed` makes a run repeatable (each batch is seeded from it and the input
+    index of its first prompt, in a forked RNG: the same prompts and batch size draw the same
+    samples whatever else the process did, and a resumed run continues in the same way)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.n < 1:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1] and n >= 1")
+        if self.temperature == 0 and self.n > 1:
+            raise KDError("several samples per prompt need a temperature > 0 (greedy decoding gives one answer)")
+
+
+GREEDY = Sampling()
+
+
+def generate_samples(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
+                     max_new_tokens: int = 200, sampling: Sampling = GREEDY, on_batch=None,
+                     progress=None, keys: list[int] | None = None) -> list[list[str]]:
+    """`sampling.n` completions of each chat conversation (ending on the user turn), in order.
 
     Prompts are rendered with the tokenizer's chat template (add_generation_prompt=True), sorted
     by length so batches carry little padding, left-padded by hand (the tokenizer's padding_side
     is left alone) and run through `model.generate`, stopping at eos. Returns the new text only,
-    decoded without special tokens and stripped.
+    decoded without special tokens and stripped. `on_batch(indices, texts)` is called after each
+    batch (e.g. to append it to a file); `progress` (a tqdm bar) is advanced by prompts done.
+    `keys` (default: positions) name the prompts for seeding, e.g. their index in the input file.
     """
     import torch
     from transformers import GenerationConfig
@@ -135,7 +233,7 @@ def generate_texts(model, tokenizer, conversations: list[list[dict]], batch_size
     if not conversations:
         return []
     if tokenizer.chat_template is None:
-        raise KDError("the tokenizer has no chat template; generation needs one")
+        raise KDError("the tokenizer has no chat template; generation needs one (--chat-template)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # The template already writes any bos it wants, so the tokenizer must not add another.
     prompts = [
@@ -143,11 +241,15 @@ def generate_texts(model, tokenizer, conversations: list[list[dict]], batch_size
                   add_special_tokens=False)["input_ids"]
         for c in conversations
     ]
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+    sample = sampling.temperature > 0
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
+                               temperature=sampling.temperature if sample else None,
+                               top_p=sampling.top_p if sample else None, top_k=None if sample else None,
+                               num_return_sequences=sampling.n,
                                eos_token_id=_stop_ids(model, tokenizer), pad_token_id=pad_id)
     device = next(model.parameters()).device
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: list[str | None] = [None] * len(prompts)
+    texts: list[list[str] | None] = [None] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -161,19 +263,33 @@ def generate_texts(model, tokenizer, conversations: list[list[dict]], batch_size
                     n = len(prompts[i])
                     ids[b, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
                     mask[b, width - n :] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     generation_config=gen_cfg)
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    torch.manual_seed(sampling.seed * 1_000_003 + min(keys[i] if keys else i for i in idx))
+                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                         generation_config=gen_cfg)
                 decoded = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
-                for i, text in zip(idx, decoded):
-                    texts[i] = text.strip()
+                for b, i in enumerate(idx):
+                    texts[i] = [t.strip() for t in decoded[b * sampling.n:(b + 1) * sampling.n]]
+                if on_batch is not None:
+                    on_batch(idx, [texts[i] for i in idx])
+                if progress is not None:
+                    progress.update(len(idx))
     finally:
         model.train(was_training)
     return texts
 
 
+def generate_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
+                   max_new_tokens: int = 200, sampling: Sampling = GREEDY) -> list[str]:
+    """One completion per conversation (greedy unless `sampling` says otherwise); see generate_samples."""
+    return [t[0] for t in generate_samples(model, tokenizer, conversations, batch_size, max_new_tokens,
+                                           Sampling(sampling.temperature, sampling.top_p, 1, sampling.seed))]
+
+
 def generate_for_records(model, tokenizer, records: list[dict], system_mode: str, batch_size: int = 32,
-                         max_new_tokens: int = 200, state=None) -> list[str]:
-    """Greedy responses for `records` under `system_mode`, in record order.
+                         max_new_tokens: int = 200, state=None, sampling: Sampling = GREEDY) -> list[list[str]] | list[str]:
+    """Responses for `records` under `system_mode`, in record order (a list of `sampling.n`
+    texts per record when sampling.n > 1, else one text per record).
 
     With an accelerate `state` of several processes, each rank generates its strided shard and
     every rank gets all texts back (one all-gather of strings); without one, runs locally.
@@ -181,8 +297,10 @@ def generate_for_records(model, tokenizer, records: list[dict], system_mode: str
     world = 1 if state is None else state.num_processes
     rank = 0 if state is None else state.process_index
     mine = shard(records, rank, world)
-    texts = generate_texts(model, tokenizer, [prompt_messages(r, system_mode) for r in mine], batch_size,
-                           max_new_tokens)
+    texts = generate_samples(model, tokenizer, [prompt_messages(r, system_mode) for r in mine], batch_size,
+                             max_new_tokens, sampling)
+    if sampling.n == 1:
+        texts = [t[0] for t in texts]
     if world == 1:
         return texts
     from accelerate.utils import gather_object
@@ -213,13 +331,50 @@ def write_jsonl_atomic(path: Path, records) -> None:
 
 
 def _shard_path(output: Path, rank: int, world: int) -> Path:
-    # Deterministic names: a rerun overwrites its own stale shards before rank 0 reads them.
+    # Deterministic names: a rerun with the same world size appends to its own shard.
     return output.parent / f".{output.name}.shard-{rank}-of-{world}.jsonl"
 
 
+def _shard_files(output: Path) -> list[Path]:
+    return sorted(output.parent.glob(f".{output.name}.shard-*-of-*.jsonl"))
+
+
+def _settings_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.settings.json"
+
+
 def _read_shard(path: Path) -> list[dict]:
+    """Finished lines of a shard; a line cut short by a kill is ignored (its batch is redone)."""
+    out = []
     with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+        for line in fh:
+            if not line.endswith("\n"):
+                break
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a shard back to its last complete line (a kill mid-write) before appending to it."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+
+
+def _done(output: Path) -> dict[int, dict]:
+    """Records already generated by an interrupted run, by input index."""
+    done = {}
+    for path in _shard_files(output):
+        for row in _read_shard(path):
+            done[row["index"]] = row
+    return done
 
 
 def make_state():
@@ -235,43 +390,89 @@ def make_state():
     return PartialState(cpu=cpu, **({"backend": "gloo"} if cpu and multi else {}))
 
 
-def load_for_generation(name: str, dtype: str, device):
+def load_for_generation(name: str, dtype: str, device, chat_template: str | None = None):
     """(tokenizer, model in eval mode on `device`) for a hub id, local path or builtin: name."""
     from kd.models import load_model, load_tokenizer, resolve_dtype
 
-    tok = load_tokenizer(name)
+    tok = load_tokenizer(name, chat_template)
     if tok.chat_template is None:
-        raise KDError(f"tokenizer of {name!r} has no chat template")
+        raise KDError(f"tokenizer of {name!r} has no chat template; pass --chat-template chatml, llama2 or a "
+                      f"Jinja template")
     model = load_model(name, resolve_dtype(dtype, device.type), None, "model")
     return tok, model.to(device).eval()
 
 
+def sampling_from(args: argparse.Namespace) -> Sampling:
+    try:
+        return Sampling(args.temperature, args.top_p, args.num_samples, args.seed)
+    except ValueError as e:
+        raise KDError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """The generate command; returns the number of records written (on every rank)."""
+    from tqdm import tqdm
+
     output = Path(args.output)
     if output.is_dir():
         raise DataError(f"--output {args.output} is a directory; give a .jsonl file path")
-    records = read_records(args.input, args.limit)
+    records = read_prompts(args.input, args.limit)
+    sampling = sampling_from(args)
     quiet_libraries()  # after the cheap input checks, which need no heavy imports
     state = make_state()
     world, rank = state.num_processes, state.process_index
-    tok, model = load_for_generation(args.model, args.dtype, state.device)
-    mine = shard(records, rank, world)
+    settings = {k: getattr(args, k) for k in ("model", "input", "system", "max_new_tokens", "limit", "dtype",
+                                               "chat_template", "temperature", "top_p", "num_samples", "seed")}
     if state.is_main_process:
-        print(f"kd.generate: {len(records)} records, {world} process(es), system={args.system}", file=sys.stderr)
-    texts = generate_texts(model, tok, [prompt_messages(r, args.system) for r in mine], args.batch_size,
-                           args.max_new_tokens)
-    write_jsonl_atomic(_shard_path(output, rank, world), ({**r, "response": t} for r, t in zip(mine, texts)))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(_settings_path(output).read_text()) if _settings_path(output).is_file() else None
+        if _shard_files(output) and previous != settings:
+            changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
+            print(f"kd.generate: an interrupted run with other settings ({', '.join(changed)}) left shard "
+                  f"files; starting afresh", file=sys.stderr)
+            for p in _shard_files(output):
+                p.unlink()
+        _settings_path(output).write_text(json.dumps(settings))
     state.wait_for_everyone()
+    done = _done(output)
+    todo = [i for i in range(len(records)) if i not in done]
+    mine = shard(todo, rank, world)
+    tok, model = load_for_generation(args.model, args.dtype, state.device, args.chat_template)
     if state.is_main_process:
-        paths = [_shard_path(output, r, world) for r in range(world)]
-        merged = unshard([_read_shard(p) for p in paths], len(records))
+        resumed = f", {len(done)} already done by an interrupted run" if done else ""
+        print(f"kd.generate: {len(records)} records{resumed}, {world} process(es), system={args.system}, "
+              f"{'greedy' if sampling.temperature == 0 else f'T={sampling.temperature:g} top-p={sampling.top_p:g}'}"
+              f"{f', {sampling.n} samples each' if sampling.n > 1 else ''}", file=sys.stderr)
+    _drop_partial_line(_shard_path(output, rank, world))
+    with open(_shard_path(output, rank, world), "a", encoding="utf-8") as fh, \
+            tqdm(total=len(mine), desc="generate (rank 0)", unit="prompt", disable=not state.is_main_process or
+                 not args.progress, file=sys.stderr) as bar:
+        def append(idx, texts):
+            for i, samples in zip(idx, texts):
+                fh.write(json.dumps({"index": mine[i], "texts": samples}, ensure_ascii=False) + "\n")
+            fh.flush()
+
+        generate_samples(model, tok, [prompt_messages(records[i], args.system) for i in mine], args.batch_size,
+                         args.max_new_tokens, sampling, on_batch=append, progress=bar, keys=mine)
+    state.wait_for_everyone()
+    written = len(records) * sampling.n
+    if state.is_main_process:
+        done = _done(output)
+        missing = [i for i in range(len(records)) if i not in done]
+        if missing:
+            raise KDError(f"{len(missing)} records have no generation (first: input record {missing[0] + 1}); rerun "
+                          f"the same command to finish them")
+        merged = []
+        for i, rec in enumerate(records):
+            for j, text in enumerate(done[i]["texts"]):
+                merged.append({**with_response(rec, text), **({"sample": j} if sampling.n > 1 else {})})
         write_jsonl_atomic(output, merged)
-        for p in paths:
+        for p in _shard_files(output):
             p.unlink(missing_ok=True)
+        _settings_path(output).unlink(missing_ok=True)
         print(f"wrote {len(merged)} records to {output}")
     state.wait_for_everyone()
-    return len(records)
+    return written
 
 
 def _positive(s: str) -> int:
@@ -293,8 +494,38 @@ class ArgParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s!r}")
+    return v
+
+
+def _non_negative(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        v = -1.0
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s!r}")
+    return v
+
+
+def add_sampling_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--temperature", type=_non_negative, default=0.0, help="0 = greedy (default); > 0 samples")
+    ap.add_argument("--top-p", type=_fraction, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    ap.add_argument("--num-samples", type=_positive, default=1, help="answers per record (needs --temperature > 0)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling draws")
+    ap.add_argument("--chat-template", default=None,
+                    help="chatml, llama2 or a Jinja template, for a model whose tokenizer has none")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
 def add_common_args(ap: argparse.ArgumentParser, system_required: bool = False) -> None:
-    """Flags shared by kd.generate and kd.accuracy."""
+    """Flags shared by kd.generate, kd.evaluate and kd.accuracy."""
     ap.add_argument("--model", required=True, help="hub id, local path or builtin:<name>")
     ap.add_argument("--system", choices=SYSTEM_MODES, required=system_required,
                     default=None if system_required else "strategy",
@@ -308,10 +539,12 @@ def add_common_args(ap: argparse.ArgumentParser, system_required: bool = False) 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = ArgParser(prog="python -m kd.generate",
-                                 description="Generate a distillation dataset from a teacher (greedy).")
+                                 description="Generate a distillation dataset from a teacher.")
     add_common_args(ap)
-    ap.add_argument("--input", required=True, help="JSONL records with a 'prompt' (and optional 'system')")
-    ap.add_argument("--output", required=True, help="JSONL written with 'response' replaced")
+    add_sampling_args(ap)
+    ap.add_argument("--input", required=True, help="records: prompt/response, messages or conversations "
+                                                   "(.jsonl, .json, .parquet or a save_to_disk directory)")
+    ap.add_argument("--output", required=True, help="JSONL written with each record's answer")
     return ap.parse_args(argv)
 
 

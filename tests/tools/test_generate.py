@@ -72,24 +72,24 @@ def test_unshard_rejects_a_short_shard():
 def test_read_records_errors_name_file_and_line(tmp_path):
     p = tmp_path / "in.jsonl"
     with pytest.raises(DataError, match="not found"):
-        gen.read_records(str(tmp_path / "nope.jsonl"))
+        gen.read_prompts(str(tmp_path / "nope.jsonl"))
     p.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
     with pytest.raises(DataError, match=rf"{p}:3: invalid JSON"):
-        gen.read_records(str(p))
+        gen.read_prompts(str(p))
     p.write_text('{"prompt": "a"}\n{"response": "b"}\n')
     with pytest.raises(DataError, match=rf"{p}:2: missing 'prompt'"):
-        gen.read_records(str(p))
+        gen.read_prompts(str(p))
     p.write_text('{"prompt": 3}\n')
     with pytest.raises(DataError, match="not a string: 'prompt'"):
-        gen.read_records(str(p))
+        gen.read_prompts(str(p))
     p.write_text('[1, 2]\n')
     with pytest.raises(DataError, match="JSON object"):
-        gen.read_records(str(p))
+        gen.read_prompts(str(p))
     p.write_text("\n\n")
     with pytest.raises(DataError, match="no records"):
-        gen.read_records(str(p))
+        gen.read_prompts(str(p))
     p.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": 5}\n')
-    assert [r["prompt"] for r in gen.read_records(str(p), limit=2)] == ["a", "b"]  # limit stops before row 3
+    assert [r["prompt"] for r in gen.read_prompts(str(p), limit=2)] == ["a", "b"]  # limit stops before row 3
 
 
 # --------------------------------------------------------------------------- generation
@@ -181,3 +181,103 @@ def test_two_process_run_matches_single_process(tmp_path):
     assert "2 process(es)" in res.stderr
     assert double.read_bytes() == single.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["double.jsonl", "single.jsonl"]
+
+
+# --------------------------------------------------------------------------- formats, sampling, resume
+
+
+def test_every_record_format_gives_the_conversation_to_answer_and_takes_the_answer_back():
+    user = {"role": "user", "content": "Hi?"}
+    chat = {"messages": [{"role": "system", "content": "S"}, user, {"role": "assistant", "content": "old"},
+                         {"role": "user", "content": "And?"}]}
+    assert gen.prompt_messages(chat, "strategy") == [{"role": "system", "content": "S"}, *chat["messages"][1:]]
+    assert gen.prompt_messages(chat, "none") == chat["messages"][1:]
+    out = gen.with_response(chat, "new")
+    assert out["messages"][-1] == {"role": "assistant", "content": "new"} and len(out["messages"]) == 5
+    answered = {"messages": [user, {"role": "assistant", "content": "old"}]}
+    assert gen.prompt_messages(answered, "none") == [user]  # the last assistant turn is answered anew
+    assert gen.with_response(answered, "new")["messages"] == [user, {"role": "assistant", "content": "new"}]
+    share = {"conversations": [{"from": "human", "value": "Hi?"}], "id": 7}
+    assert gen.prompt_messages(share, "generic") == [{"role": "system", "content": GENERIC_SYSTEM}, user]
+    assert gen.with_response(share, "x") == {"conversations": [{"from": "human", "value": "Hi?"},
+                                                               {"from": "gpt", "value": "x"}], "id": 7}
+    assert gen.with_response({"prompt": "Hi?"}, "x") == {"prompt": "Hi?", "response": "x"}
+    assert gen._promptable({"messages": [{"role": "assistant", "content": "a"}]}) == "the conversation has no user message"
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(teacher):
+    import torch
+
+    tok, model = teacher
+    convs = [gen.prompt_messages(r, "strategy") for r in eval_records(3)]
+    hot = gen.Sampling(temperature=1.5, top_p=0.95, n=3, seed=1)
+    a = gen.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8, sampling=hot)
+    torch.manual_seed(123)  # the process's own RNG state plays no part
+    b = gen.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8, sampling=hot)
+    assert a == b and all(len(s) == 3 for s in a)
+    c = gen.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8,
+                             sampling=gen.Sampling(temperature=1.5, top_p=0.95, n=3, seed=2))
+    assert c != a
+    assert len({t for s in a for t in s}) > 3  # the samples differ from each other
+    with pytest.raises(gen.KDError, match="temperature > 0"):
+        gen.Sampling(n=2)
+
+
+def test_cli_on_messages_with_a_chat_template_for_a_base_model(tmp_path, capsys):
+    """A base model whose tokenizer has no template: refused in one line, then --chat-template."""
+    import shutil
+
+    from kd.models import resolve
+
+    base = tmp_path / "base"
+    shutil.copytree(resolve("builtin:tiny-teacher"), base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    src = tmp_path / "chats.jsonl"
+    recs = [{"messages": [{"role": "user", "content": r["prompt"]}], "id": i} for i, r in enumerate(eval_records(3))]
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", str(base), "--input", str(src), "--output", str(out), "--max-new-tokens", "4"]
+    with pytest.raises(SystemExit):
+        gen.main(args)
+    assert "--chat-template" in capsys.readouterr().err
+    gen.main([*args, "--chat-template", "chatml", "--temperature", "1.0", "--num-samples", "2"])
+    got = read_jsonl(out)
+    assert [(g["id"], g["sample"]) for g in got] == [(i, j) for i in range(3) for j in range(2)]
+    assert all(g["messages"][0] == recs[g["id"]]["messages"][0] and g["messages"][1]["role"] == "assistant"
+               for g in got)
+
+
+def test_an_interrupted_run_resumes_without_duplicating_records(tmp_path, capsys):
+    recs = eval_records(5)
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out.jsonl"
+    args = ["--model", "builtin:tiny-teacher", "--input", str(src), "--output", str(out), "--batch-size", "2",
+            "--max-new-tokens", "5"]
+    gen.main(args)
+    full = read_jsonl(out)
+    # what a run killed after two records leaves: its settings, a shard, and a line cut short
+    out.unlink()
+    settings = {"model": "builtin:tiny-teacher", "input": str(src), "system": "strategy", "max_new_tokens": 5,
+                "limit": None, "dtype": "auto", "chat_template": None, "temperature": 0.0, "top_p": 1.0,
+                "num_samples": 1, "seed": 0}
+    (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps(settings))
+    (tmp_path / ".out.jsonl.shard-0-of-1.jsonl").write_text(
+        json.dumps({"index": 3, "texts": ["kept"]}) + "\n" + json.dumps({"index": 0, "texts": ["kept too"]}) + "\n"
+        + '{"index": 1, "te')
+    capsys.readouterr()
+    gen.main(args)
+    assert "5 records, 2 already done by an interrupted run" in capsys.readouterr().err
+    got = read_jsonl(out)
+    assert len(got) == 5 and [g["response"] for g in got] == [
+        "kept too", full[1]["response"], full[2]["response"], "kept", full[4]["response"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    # other settings: the leftovers are not mixed in
+    (tmp_path / ".out.jsonl.shard-0-of-1.jsonl").write_text(json.dumps({"index": 3, "texts": ["stale"]}) + "\n")
+    (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps({**settings, "max_new_tokens": 9}))
+    gen.main(args)
+    assert "starting afresh" in capsys.readouterr().err
+    assert read_jsonl(out) == full
