@@ -343,7 +343,7 @@ def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
     """Load a verified checkpoint into the prepared model and optimizer and restore this rank's
     RNG states (a rank beyond the recorded world size takes rank % old_world's)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_file
 
     engine = _engine(accelerator, model)
     if engine is not None:
@@ -355,17 +355,7 @@ def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
             raise CheckpointError(f"{path}: DeepSpeed could not load its engine state")
     else:
         device = accelerator.device
-        module = accelerator.unwrap_model(model)
-        if _partial(module):
-            found = load_file(str(path / MODEL_FILE), device=str(device))
-            missing, unexpected = module.load_state_dict(found, strict=False)
-            trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-            missing, unexpected = trainable - found.keys(), set(unexpected)
-        else:
-            missing, unexpected = load_model(module, str(path / MODEL_FILE), strict=False, device=str(device))
-        if missing or unexpected:
-            raise CheckpointError(f"{path / MODEL_FILE} does not fit this model (missing {sorted(missing)[:3]}, "
-                                  f"unexpected {sorted(unexpected)[:3]})")
+        load_weights(accelerator.unwrap_model(model), path, device)
         with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as f:
             structure = f.metadata()["structure"]
         optimizer.load_state_dict(_optimizer_from_tensors(load_file(str(path / OPTIMIZER_FILE), device=str(device)),
@@ -374,6 +364,28 @@ def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
     with safe_open(str(rng), framework="pt") as f:
         meta = f.metadata()
     _set_rng_state(load_file(str(rng)), meta)
+
+
+def load_weights(module, path: Path, device, prefix: str = "") -> None:
+    """A single-process/DDP checkpoint's model weights into `module`: the Distiller that saved
+    them, or (prefix="student.") the student alone. A LoRA student's checkpoint holds its trainable
+    parameters only; the frozen base weights are the module's own."""
+    from safetensors.torch import load_file, load_model
+
+    if prefix:  # the saved names are the Distiller's: give the module the same place in a holder
+        holder = torch.nn.Module()
+        holder.add_module(prefix.rstrip("."), module)
+        module = holder
+    if _partial(module):
+        found = load_file(str(path / MODEL_FILE), device=str(device))
+        _, unexpected = module.load_state_dict(found, strict=False)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        missing, unexpected = trainable - found.keys(), set(unexpected)
+    else:
+        missing, unexpected = load_model(module, str(path / MODEL_FILE), strict=False, device=str(device))
+    if missing or unexpected:
+        raise CheckpointError(f"{path / MODEL_FILE} does not fit this model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
 
 
 class _weights_only_engine_loads:

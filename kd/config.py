@@ -427,6 +427,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_explain(e, "")) from None
 
 
+def from_flat(flat: dict[str, Any]) -> Config:
+    """The Config of a flat {dotted key: value} record (trainer_state.json's); keys this version
+    no longer has are skipped."""
+    known, nested = set(all_keys()), {}
+    for key, value in flat.items():
+        if key not in known:
+            continue
+        *parents, leaf = key.split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), nested))
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, " (recorded config)")) from None
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 

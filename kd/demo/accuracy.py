@@ -18,7 +18,6 @@ Under `accelerate launch` ranks take strided shards of the records; results meet
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +31,6 @@ from kd.tools.generate import (
     load_for_generation,
     make_state,
     read_records,
-    shard,
 )
 
 _FAMILY_ORDER = {f: i for i, f in enumerate(tasks.FAMILIES)}
@@ -111,41 +109,14 @@ def evaluate_accuracy(model, tokenizer, records: list[dict], system_mode: str, b
 def token_metrics(student, teacher, tokenizer, records: list[dict], system_mode: str, batch_size: int = 32,
                   state=None, source: str = "records") -> dict:
     """Per-response-token student CE, forward KL(teacher || student) at T = 1 and top-1
-    agreement on the records' gold responses. The teacher reads each record's strategy view, the
-    student the `system_mode` view. Sharded over `state`'s processes when given; every rank
-    returns the global averages."""
-    import torch
+    agreement on the records' gold responses (kd.evaluate's token metrics): the teacher reads
+    each record's strategy view, the student the `system_mode` view."""
+    from kd.tools.evaluate import token_metrics as general
 
-    from kd.data import collate, example_from_views, render_views
-    from kd.forward import eval_sums
-    from kd.loss import LossSpec
-
-    world = 1 if state is None else state.num_processes
-    rank = 0 if state is None else state.process_index
-    erase = system_mode != "strategy"
-    generic = tasks.GENERIC_SYSTEM if system_mode == "generic" else None
-    examples = []
-    for i, rec in shard(list(enumerate(records)), rank, world):
-        t, s, r = render_views(rec, tokenizer, erase=erase, generic_system=generic, where=f"{source} record {i + 1}")
-        examples.append(example_from_views(t, s, r))
-    spec = LossSpec(vocab_size=len(tokenizer), alpha=0.5, temperature=1.0, divergence="forward_kl")
-    pad_id = tokenizer.pad_token_id
-    device = next(student.parameters()).device
-    keys = ("ce", "kd", "top1_agreement", "tokens")
-    totals = torch.zeros(len(keys), dtype=torch.float64)
-    student.eval()
-    teacher.eval()
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size], pad_id).items()}
-        sums = eval_sums(student, teacher, batch, spec)
-        totals += torch.tensor([sums[k].double().item() for k in keys], dtype=torch.float64)
-    if world > 1:
-        from accelerate.utils import gather_object
-
-        totals = torch.tensor(gather_object([totals.tolist()]), dtype=torch.float64).sum(0)
-    n = totals[-1].item()
-    ce, kd, agree = (totals[i].item() / max(n, 1.0) for i in range(3))
-    return {"ce": ce, "ppl": math.exp(min(ce, 50.0)), "forward_kl": kd, "top1_agreement": agree, "tokens": int(n)}
+    out = general(student, teacher, tokenizer, records, system_mode, batch_size, state, source, targets="last",
+                  max_length=1 << 30)
+    out.pop("dropped")
+    return out
 
 
 # --------------------------------------------------------------------------- report
