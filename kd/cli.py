@@ -40,8 +40,6 @@ def parse_args(argv: list[str] | None, prog: str = "kd.train",
 def quiet_libraries() -> None:
     """Per-file progress bars and notices from datasets/transformers drown our own lines."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DeepSpeed's deprecated collectives
-    # peft asks transformers about gradient checkpointing through a name transformers deprecates
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
     # datasets reads this when it is imported; if it already is, switch its bars off directly
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:

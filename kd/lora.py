@@ -30,23 +30,25 @@ def wrap(student, lora: LoraConfig):
     from peft import PeftModel, get_peft_model
     from peft.tuners.lora import LoraLayer
 
-    if lora.init_from:
-        try:
-            model = PeftModel.from_pretrained(student, lora.init_from, is_trainable=True)
-        except Exception as e:  # noqa: BLE001 (a missing or foreign adapter: one line)
-            raise ModelError(f"student.lora.init_from={lora.init_from}: cannot load the adapter "
-                             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-    else:
-        targets = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
-        try:
-            with warnings.catch_warnings():
-                # a tied lm_head trained in full is untied on purpose (describe() says so), not a hazard
-                warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+    with warnings.catch_warnings():
+        # a tied lm_head trained in full is untied on purpose (describe() says so), not a hazard;
+        # peft asks transformers about checkpointing through a name transformers deprecates
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        if lora.init_from:
+            try:
+                model = PeftModel.from_pretrained(student, lora.init_from, is_trainable=True)
+            except Exception as e:  # noqa: BLE001 (a missing or foreign adapter: one line)
+                raise ModelError(f"student.lora.init_from={lora.init_from}: cannot load the adapter "
+                                 f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        else:
+            targets = "all-linear" if list(lora.target_modules) == ["all-linear"] else list(lora.target_modules)
+            try:
                 model = get_peft_model(student, PeftLoraConfig(
                     r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                     modules_to_save=list(lora.modules_to_save) or None, task_type="CAUSAL_LM"))
-        except ValueError as e:  # e.g. a target module the model does not have
-            raise ConfigError(f"student.lora: {str(e).splitlines()[0][:300]}") from None
+            except ValueError as e:  # e.g. a target module the model does not have
+                raise ConfigError(f"student.lora: {str(e).splitlines()[0][:300]}") from None
     if isinstance(model.get_output_embeddings(), LoraLayer):
         raise ConfigError("student.lora.target_modules puts an adapter on the output layer; the loss projects "
                           "with its weight directly, so train it in full with student.lora.modules_to_save=[lm_head]")

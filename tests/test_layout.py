@@ -13,9 +13,10 @@ from conftest import ROOT
 KD = ROOT / "kd"
 # The command names that users (and README, sweeps, Slurm scripts) type: `python -m kd.<name>`.
 COMMANDS = {"train": "kd.train", "cache": "kd.cache.__main__", "plan": "kd.tools.plan", "sweep": "kd.tools.sweep",
-            "report": "kd.tools.report", "generate": "kd.tools.generate", "accuracy": "kd.demo.accuracy",
+            "report": "kd.tools.report", "generate": "kd.tools.generate", "evaluate": "kd.tools.evaluate",
+            "accuracy": "kd.demo.accuracy",
             "experiment": "kd.demo.experiment"}
-ALIASES = {f"kd.{n}" for n in ("plan", "sweep", "report", "generate", "accuracy", "experiment")}
+ALIASES = {f"kd.{n}" for n in ("plan", "sweep", "report", "generate", "evaluate", "accuracy", "experiment")}
 
 
 def module_name(path) -> str:

@@ -44,12 +44,15 @@ class Shape:
     vocab_rows: int
     largest_layer: int  # parameters of the biggest decoder layer (ZeRO-3 gathers one or two at once)
     heads: int
+    trainable: int = 0  # parameters that train (all of them, or a LoRA student's adapters)
+    head_trains: bool = True  # the lm_head gets a gradient (not under LoRA unless trained in full)
 
 
-def model_shape(name_or_path: str) -> Shape:
-    """Exact parameter counts from the config, by building the model on the meta device. Any
-    decoder transformers can build works; anything else is refused in one line. A local directory
-    is read without touching the network."""
+def model_shape(name_or_path: str, lora=None) -> Shape:
+    """Exact parameter counts from the config, by building the model on the meta device (with
+    `lora`, a kd.config.LoraConfig that is enabled, wrapped by peft there too: `trainable` counts the
+    adapters and the modules trained in full). Any decoder transformers can build works; anything
+    else is refused in one line. A local directory is read without touching the network."""
     from pathlib import Path
 
     from torch import nn
@@ -57,7 +60,8 @@ def model_shape(name_or_path: str) -> Shape:
 
     path = resolve(name_or_path)
     try:
-        cfg = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir())
+        # a local directory, or a model this planner knows, never waits on hub retries
+        cfg = AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir() or name_or_path in KNOWN)
     except Exception:
         if name_or_path not in KNOWN:
             raise KDError(f"cannot read the config of {name_or_path!r} (no hub access? use a local path)") from None
@@ -75,6 +79,22 @@ def model_shape(name_or_path: str) -> Shape:
                       f"or output embedding found")
     layers = max(stacks, key=len)
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    trainable = sum(p.numel() for p in model.parameters())
+    if lora is not None and lora.enabled:
+        if lora.init_from:  # the adapter's own settings decide its size
+            from peft import LoraConfig as PeftLoraConfig
+
+            lora_cfg = PeftLoraConfig.from_pretrained(lora.init_from)
+            lora = type(lora)(rank=lora_cfg.r, target_modules=sorted(lora_cfg.target_modules),
+                              modules_to_save=sorted(lora_cfg.modules_to_save or []))
+        from kd.lora import wrap
+
+        with torch.device("meta"):
+            adapted = wrap(model, type(lora)(**{**lora.__dict__, "init_from": None}))
+        trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+        head_trains = any(p.requires_grad for p in adapted.get_output_embeddings().parameters())
+    else:
+        head_trains = True
     return Shape(
         params=sum(p.numel() for p in model.parameters()),
         hidden=hidden,
@@ -83,6 +103,8 @@ def model_shape(name_or_path: str) -> Shape:
         vocab_rows=model.get_output_embeddings().weight.shape[0],
         largest_layer=max(sum(p.numel() for p in layer.parameters()) for layer in layers),
         heads=cfg.num_attention_heads,
+        trainable=trainable,
+        head_trains=head_trains,
     )
 
 
@@ -94,7 +116,7 @@ def plan(cfg: Config, gpus: int, nodes: int = 1, student_zero: int = 2, gpu: boo
          response_fraction: float = 0.5, offload_optimizer: bool = False) -> list[tuple[str, float]]:
     """-> [(term, bytes per device)]. `student_zero` 0 means plain DDP (no DeepSpeed)."""
     world = gpus * nodes
-    t, s = model_shape(cfg.teacher.name_or_path), model_shape(cfg.student.name_or_path)
+    t, s = model_shape(cfg.teacher.name_or_path), model_shape(cfg.student.name_or_path, cfg.student.lora)
     tb, sb = _dtype_bytes(cfg.teacher.dtype, gpu), _dtype_bytes(cfg.student.dtype, gpu)
     B, S = cfg.train.micro_batch_size, cfg.data.max_length
     N = int(B * S * response_fraction)  # response tokens per micro-batch
@@ -111,20 +133,24 @@ def plan(cfg: Config, gpus: int, nodes: int = 1, student_zero: int = 2, gpu: boo
                      (2 * t.largest_layer + t.vocab_rows * t.hidden) * tb))
     rows.append(("teacher activations (one layer, no grad)", B * S * (2 * t.hidden + 3 * t.intermediate) * tb))
 
-    P = s.params
-    master_and_adam = P * (4 if mixed else 0) + 8 * P  # fp32 master (mixed precision) + Adam m, v
+    # A LoRA student keeps all its weights, but grads and optimizer states cover only what trains.
+    P, Tr = s.params, s.trainable
+    lora = " (LoRA: adapters + modules trained in full)" if Tr < P else ""
+    master_and_adam = Tr * (4 if mixed else 0) + 8 * Tr  # fp32 master (mixed precision) + Adam m, v
     if student_zero == 0:
-        rows += [("student weights", P * sb), ("student grads", P * sb), ("student optimizer states", master_and_adam)]
+        rows += [("student weights" + (" (base frozen + adapters)" if lora else ""), P * sb),
+                 ("student grads" + lora, Tr * sb), ("student optimizer states" + lora, master_and_adam)]
     else:
         shard = world
         rows.append(("student weights" + (" (ZeRO-3 shard)" if student_zero == 3 else ""),
                      P * sb / (shard if student_zero == 3 else 1)))
         if student_zero == 3:
             rows.append(("student ZeRO-3 gathered layers and lm_head", (2 * s.largest_layer + s.vocab_rows * s.hidden) * sb))
-        rows.append(("student grads (partitioned) + reduce bucket", P * sb / shard + s.hidden * s.hidden * 4))
+        rows.append(("student grads (partitioned) + reduce bucket" + lora, Tr * sb / shard + s.hidden * s.hidden * 4))
         if not sb < 4:  # fp32 training still gets a flat fp32 partition for the optimizer
-            master_and_adam = 4 * P + 8 * P
-        rows.append(("student optimizer states (partitioned)", 0 if offload_optimizer else master_and_adam / shard))
+            master_and_adam = 4 * Tr + 8 * Tr
+        rows.append(("student optimizer states (partitioned)" + lora,
+                     0 if offload_optimizer else master_and_adam / shard))
 
     if cfg.student.gradient_checkpointing:
         act = s.layers * B * S * s.hidden * sb + B * S * (16 * s.hidden + 3 * s.intermediate) * sb
@@ -137,8 +163,8 @@ def plan(cfg: Config, gpus: int, nodes: int = 1, student_zero: int = 2, gpu: boo
         rows.append(("student attention scores (unfused attention)", saved * 2 * B * s.heads * S * S * sb))
 
     if cfg.loss.implementation == "chunked":
-        rows.append(("loss: chunked logits + student lm_head grad buffer",
-                     6 * min(N, cfg.loss.chunk_size) * V * 4 + s.vocab_rows * s.hidden * 4))
+        rows.append(("loss: chunked logits" + (" + student lm_head grad buffer" if s.head_trains else ""),
+                     6 * min(N, cfg.loss.chunk_size) * V * 4 + (s.vocab_rows * s.hidden * 4 if s.head_trains else 0)))
     else:  # student + teacher fp32 logits, two log-softmaxes, probabilities, the logits gradient
         rows.append(("loss: dense fp32 logits at response positions (6 x [N, V])", 6 * N * V * 4))
     return rows

@@ -31,6 +31,22 @@ def test_70b_plan_fits_on_8x80gb_and_sharding_helps():
     assert total(plan(replicated, 8, 1, 2)) > 80 * GiB  # what peers do: does not fit
 
 
+def test_lora_shrinks_the_trainable_states_but_keeps_the_frozen_weights():
+    cfg = load_config(ROOT / BIG)
+    lora = load_config(ROOT / BIG, ["student.lora.rank=16"])
+    full, small = dict(plan(cfg, 8, 1, 2)), dict(plan(lora, 8, 1, 2))
+    # every frozen weight stays (plus the adapters themselves)
+    assert full["student weights"] < small["student weights"] < 1.01 * full["student weights"]
+    opt = next(v for k, v in small.items() if k.startswith("student optimizer states"))
+    assert opt < full["student optimizer states (partitioned)"] / 50  # ~40M adapter params vs 6.7B
+    assert total(plan(lora, 8, 1, 2)) < total(plan(cfg, 8, 1, 2))
+    # exact count on the tiny student: r * (in + out) for every linear layer of the decoder
+    from kd.tools.plan import model_shape
+
+    shape = model_shape("builtin:tiny-student", load_config(ROOT / "configs/demo.yaml", ["student.lora.rank=4"]).student.lora)
+    assert shape.trainable == 10_240 and not shape.head_trains  # as the trainer reports for this student
+
+
 def test_cli_prints_the_verdict():
     res = subprocess.run([PY, "-m", "kd.plan", "--config", BIG, "--gpus", "8", "--nodes", "1", "--gpu-memory", "80"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
