@@ -318,9 +318,17 @@ class LogConfig:
     """Log train/* metrics every this many optimizer steps."""
     progress_bar: bool = True
     """tqdm bar on rank 0."""
+    samples: int = 0
+    """At each evaluation, greedy-decode the student's answers to the first N eval examples (their
+    student view, last trained turn) and log prompt, reference and generation: a W&B Table
+    eval/samples and <output_dir>/samples.jsonl. 0 = off."""
+    sample_max_new_tokens: int = 128
+    """Token budget of each logged sample generation."""
 
     def __post_init__(self):
         _choice("log.tracker", self.tracker, ("wandb", "none"))
+        if self.samples < 0 or self.sample_max_new_tokens < 1:
+            raise ConfigError("log.samples must be >= 0 and log.sample_max_new_tokens >= 1")
 
 
 @dataclass

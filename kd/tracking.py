@@ -1,5 +1,5 @@
-"""Every rank-0 side effect behind one object: console lines, the progress bar, metrics.jsonl and
-the experiment tracker (W&B through accelerate's trackers, or none). Other ranks get no-ops, so the
+"""Every rank-0 side effect behind one object: console lines, the progress bar, metrics.jsonl,
+samples.jsonl and the experiment tracker (W&B through accelerate's trackers, or none). Other ranks get no-ops, so the
 training loop has no `if main_process:` branches."""
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ class Tracker:
         """Open metrics.jsonl (dropping rows past `first_step`, which a resumed run rewrites) and the bar."""
         if not self.main:
             return
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= first_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(r + "\n" for r in rows))
-            os.replace(tmp, path)
-        self._jsonl = open(path, "a", buffering=1)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = self.out / name
+            if path.exists():
+                rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r).get("step", 0) <= first_step]
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(r + "\n" for r in rows))
+                os.replace(tmp, path)
+        self._jsonl = open(self.out / "metrics.jsonl", "a", buffering=1)
         if self.cfg.log.progress_bar:
             self.bar = tqdm(total=total, initial=first_step, desc="kd", dynamic_ncols=True)
 
@@ -76,6 +77,20 @@ class Tracker:
         if "eval/ce" in row:  # one compact line per evaluation; the full row is in metrics.jsonl / W&B
             self.print(f"step {step}: eval ce {row['eval/ce']:.4f}  kd {row['eval/kd']:.4f}  "
                        f"top-1 agreement {row['eval/top1_agreement']:.1%}  ({row['eval/tokens']:.0f} tokens)")
+
+    def log_samples(self, samples: list[dict], step: int) -> None:
+        """Sample generations of one evaluation: appended to samples.jsonl, and a W&B Table."""
+        if not self.main or not samples:
+            return
+        with open(self.out / "samples.jsonl", "a") as fh:
+            for i, row in enumerate(samples):
+                fh.write(json.dumps({"step": step, "example": i, **row}, ensure_ascii=False) + "\n")
+        if self.cfg.log.tracker == "wandb":
+            import wandb
+
+            table = wandb.Table(columns=["step", "example", "prompt", "reference", "generation"],
+                                data=[[step, i, r["prompt"], r["reference"], r["generation"]] for i, r in enumerate(samples)])
+            self.accelerator.log({"eval/samples": table}, step=step)
 
     def advance(self) -> None:
         if self.bar is not None:

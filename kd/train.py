@@ -19,7 +19,7 @@ import time
 import torch
 from accelerate.utils import set_seed
 
-from kd import checkpoint, lora, rundir
+from kd import checkpoint, lora, rundir, samples
 from kd.cache.store import TeacherCache
 from kd.cache.teacher import CachedDistiller, cached_eval_sums
 from kd.config import Config, ConfigError, load_config, to_yaml
@@ -317,6 +317,9 @@ def train(cfg: Config) -> dict:
                 tracker.print(f"step {step}: {e}; not logged")
         if row:
             tracker.log(row, step)
+        if cfg.log.samples and "eval/ce" in row:  # every rank decodes (a ZeRO-3 student gathers collectively)
+            tracker.log_samples(samples.eval_samples(student, tokenizer, eval_set, cfg.log.samples,
+                                                     cfg.log.sample_max_new_tokens, synced=world > 1), step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or last:
             path = save(step)
             tracker.print(f"step {step}: checkpoint {path}")

@@ -158,13 +158,29 @@ def test_mismatched_tokenizers_are_refused(small_data, tmp_path):
     assert "use different tokenizers" in res.stderr.strip().splitlines()[-1]
 
 
-def test_wandb_offline_tracking(small_data, tmp_path):
+def test_wandb_offline_tracking_with_sample_generations(small_data, tmp_path):
     out = tmp_path / "run"
-    run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{"train.max_steps": 2, "log.tracker": "wandb",
-                                                                     "log.project": "kd-test"})])
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
+        "train.max_steps": 2, "train.eval_every": 1, "log.tracker": "wandb", "log.project": "kd-test",
+        "log.samples": 2, "log.sample_max_new_tokens": 12})])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert runs[0].name.endswith((out / "wandb_run_id").read_text())  # resumes continue the same run
+    assert res.stdout.count("eval ce") == 2  # one console line per evaluation
+
+    # samples.jsonl: each evaluation's greedy answers of the student, in its (erased) view
+    from kd.tools.generate import generate_texts, prompt_messages
+
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["example"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    recs = [json.loads(line) for line in open(small_data["eval"])][:2]
+    tok = AutoTokenizer.from_pretrained(out / "student")
+    student = AutoModelForCausalLM.from_pretrained(out / "student")
+    want = generate_texts(student, tok, [prompt_messages(r, "generic") for r in recs], max_new_tokens=12)
+    assert [r["generation"] for r in rows[2:]] == want
+    assert [r["reference"] for r in rows[2:]] == [r["response"] for r in recs]
+    assert all("You are a helpful assistant." in r["prompt"] and rec["system"] not in r["prompt"]
+               for r, rec in zip(rows[2:], recs))
 
 
 @pytest.mark.parametrize("how", ["SIGUSR1", "STOP file"])

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from kd.cli import one_line_errors, quiet_libraries
 from kd.errors import DataError, KDError
+from kd.samples import generate_ids, stop_ids
 
 SYSTEM_MODES = ("strategy", "generic", "none")
 # The system message of `--system generic`: the usual neutral assistant line (the demo data uses
@@ -180,15 +181,7 @@ def unshard(shards: list[list], n: int) -> list:
 # --------------------------------------------------------------------------- generation
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's eos plus any eos the model's generation config names (e.g. Llama-3 lists
-    several); a model stopping early on its own end-of-turn is what a chat model does anyway."""
-    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for i in [gen_eos] if isinstance(gen_eos, int) else (gen_eos or []):
-        if i not in ids:
-            ids.append(i)
-    return ids
+_stop_ids = stop_ids
 
 
 @dataclass(frozen=True)
@@ -225,9 +218,6 @@ def generate_samples(model, tokenizer, conversations: list[list[dict]], batch_si
     batch (e.g. to append it to a file); `progress` (a tqdm bar) is advanced by prompts done.
     `keys` (default: positions) name the prompts for seeding, e.g. their index in the input file.
     """
-    import torch
-    from transformers import GenerationConfig
-
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError("batch_size and max_new_tokens must be >= 1")
     if not conversations:
@@ -241,42 +231,11 @@ def generate_samples(model, tokenizer, conversations: list[list[dict]], batch_si
                   add_special_tokens=False)["input_ids"]
         for c in conversations
     ]
-    sample = sampling.temperature > 0
-    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
-                               temperature=sampling.temperature if sample else None,
-                               top_p=sampling.top_p if sample else None, top_k=None if sample else None,
-                               num_return_sequences=sampling.n,
-                               eos_token_id=_stop_ids(model, tokenizer), pad_token_id=pad_id)
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    texts: list[list[str] | None] = [None] * len(prompts)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(prompts[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for b, i in enumerate(idx):
-                    n = len(prompts[i])
-                    ids[b, width - n :] = torch.tensor(prompts[i], dtype=torch.long)
-                    mask[b, width - n :] = 1
-                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                    torch.manual_seed(sampling.seed * 1_000_003 + min(keys[i] if keys else i for i in idx))
-                    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                         generation_config=gen_cfg)
-                decoded = tokenizer.batch_decode(out[:, width:].cpu(), skip_special_tokens=True)
-                for b, i in enumerate(idx):
-                    texts[i] = [t.strip() for t in decoded[b * sampling.n:(b + 1) * sampling.n]]
-                if on_batch is not None:
-                    on_batch(idx, [texts[i] for i in idx])
-                if progress is not None:
-                    progress.update(len(idx))
-    finally:
-        model.train(was_training)
-    return texts
+    decode = lambda outs: [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]  # noqa: E731
+    texts_of = None if on_batch is None else (lambda idx, outs: on_batch(idx, [decode(o) for o in outs]))
+    outs = generate_ids(model, prompts, pad_id, stop_ids(model, tokenizer), max_new_tokens, batch_size,
+                        sampling.temperature, sampling.top_p, sampling.n, sampling.seed, keys, texts_of, progress)
+    return [decode(o) for o in outs]
 
 
 def generate_texts(model, tokenizer, conversations: list[list[dict]], batch_size: int = 32,
