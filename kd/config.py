@@ -213,6 +213,37 @@ class LossConfig:
 
 
 @dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD's lambda) with erasure: see kd/onpolicy.py."""
+
+    fraction: float = 0.0
+    """Share of training micro-batches whose last trained turn is answered by the current student
+    (from its student view) and graded by the teacher (from the strategy view); 0 = off-policy only."""
+    temperature: float = 1.0
+    """Sampling temperature of the student's answers (0 = greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass of the student's answers."""
+    max_new_tokens: int = 256
+    """Token budget of an answer (also capped by data.max_length); answers cut by it are kept and counted."""
+    divergence: str = "reverse_kl"
+    """Divergence on student samples (the only term: they have no gold label). reverse_kl is
+    mode-seeking, the choice of MiniLLM and GKD's best on-policy setting: on its own samples the
+    student is pushed off what the teacher finds unlikely instead of spreading over all the teacher
+    allows. loss.temperature, beta and skew apply."""
+    weight: float = 1.0
+    """Weight of the on-policy divergence (times T^2), against alpha * CE + (1 - alpha) * T^2 * D off-policy."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError("onpolicy.fraction must be in [0, 1]")
+        if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
+            raise ConfigError("onpolicy.temperature must be >= 0 and onpolicy.top_p in (0, 1]")
+        if self.max_new_tokens < 1 or self.weight < 0:
+            raise ConfigError("onpolicy.max_new_tokens must be >= 1 and onpolicy.weight >= 0")
+        _choice("onpolicy.divergence", self.divergence, DIVERGENCES)
+
+
+@dataclass
 class OptimConfig:
     lr: float = 1e-4
     """Peak learning rate of AdamW."""
@@ -337,11 +368,15 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self):
+        if self.onpolicy.fraction > 0 and self.teacher.cache:
+            raise ConfigError("onpolicy.fraction > 0 needs the live teacher: teacher.cache holds the teacher's "
+                              "outputs on the dataset's responses only, not on the student's own answers")
         if self.train.export == "adapter" and not self.student.lora.enabled:
             raise ConfigError("train.export=adapter needs a LoRA student (student.lora.rank > 0); use full or off")
 
@@ -362,9 +397,9 @@ RESUME_FREE = ("train.output_dir", "train.eval_every", "train.eval_max_batches",
 def trajectory_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, old, new) for every changed key that alters the trajectory, from two flat dicts
     (flat_dict of the recorded and of the current config). train.max_steps is included."""
-    out = []
+    out, fresh = [], set(added_at_default(old, new))
     for key in sorted(old.keys() | new.keys()):
-        if any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE):
+        if key in fresh or any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE):
             continue
         if old.get(key) != new.get(key):
             out.append((key, old.get(key), new.get(key)))
@@ -379,6 +414,13 @@ def _leaves(cls=Config, prefix: str = ""):
             yield from _leaves(typ, prefix + f.name + ".")
         else:
             yield prefix + f.name, cls, f.name
+
+
+def added_at_default(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys a recorded config lacks (it predates them) that this run leaves at their default:
+    not a change of trajectory, so an older checkpoint still resumes."""
+    defaults = flat_dict_defaults()
+    return sorted(k for k in new.keys() - old.keys() if k in defaults and repr(new[k]) == defaults[k])
 
 
 def all_keys() -> list[str]:

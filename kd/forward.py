@@ -93,8 +93,9 @@ class Distiller(nn.Module):
 
             deepspeed.zero.register_external_parameter(self, weight)
 
-    def forward(self, batch: dict, teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None):
-        spec = self.spec
+    def forward(self, batch: dict, teacher_hidden: torch.Tensor | None, teacher_head: nn.Linear | None,
+                spec: LossSpec | None = None):
+        spec = spec or self.spec  # another spec for this batch, e.g. on-policy: the divergence alone
         h = response_hidden(self.student, batch, "student")
         use_teacher = teacher_hidden is not None and spec.needs_teacher
         s_head = head(self.student)

@@ -9,7 +9,7 @@ continues at lr * min_lr_ratio; with `allow` the cosine is stretched to the new 
 
 from __future__ import annotations
 
-from kd.config import Config, flat_dict, trajectory_changes
+from kd.config import Config, added_at_default, flat_dict, trajectory_changes
 from kd.errors import ConfigError
 
 
@@ -27,6 +27,10 @@ def schedule_after_resume(cfg: Config, state: dict, world: int, total_steps: int
     old = {**state.get("config", {}), "world_size": state.get("world_size", world)}
     new = {**flat_dict(cfg), "world_size": world}
     changes = trajectory_changes(old, new)
+    fresh = added_at_default(old, new)
+    if fresh:
+        say(f"the checkpoint predates {', '.join(fresh)}: {'they take' if len(fresh) > 1 else 'it takes'} "
+            f"the default")
     recorded_total = int(state.get("total_steps", old.get("train.max_steps") or total_steps))
     recorded_schedule = int(state.get("schedule_steps", recorded_total))
     shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)

@@ -25,8 +25,10 @@ def stop_ids(model, tokenizer) -> list[int]:
 @torch.no_grad()
 def generate_ids(model, prompts: list[list[int]], pad_id: int, eos_ids: list[int], max_new_tokens: int,
                  batch_size: int = 32, temperature: float = 0.0, top_p: float = 1.0, n: int = 1, seed: int = 0,
-                 keys: list[int] | None = None, on_batch=None, progress=None, synced: bool = False) -> list[list[list[int]]]:
-    """`n` continuations (new token ids, up to eos) of each prompt, in prompt order.
+                 keys: list[int] | None = None, on_batch=None, progress=None, synced: bool = False,
+                 keep_eos: bool = False) -> list[list[list[int]]]:
+    """`n` continuations (new token ids, up to eos; the eos itself with `keep_eos`) of each prompt,
+    in prompt order.
 
     Prompts are sorted by length so batches carry little padding and left-padded by hand. Greedy
     when temperature is 0, else sampled with temperature and top-p; each batch draws in a forked
@@ -59,10 +61,11 @@ def generate_ids(model, prompts: list[list[int]], pad_id: int, eos_ids: list[int
                 mask[b, width - len(prompts[i]):] = 1
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed * 1_000_003 + min(keys[i] if keys else i for i in idx))
+                # use_cache: a student trained with gradient checkpointing has it off in its config
                 gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=cfg,
-                                     **({"synced_gpus": True} if synced else {})).cpu()
+                                     use_cache=True, **({"synced_gpus": True} if synced else {})).cpu()
             for b, i in enumerate(idx):
-                out[i] = [_until_eos(row[width:].tolist(), eos_ids, pad_id) for row in gen[b * n:(b + 1) * n]]
+                out[i] = [_until_eos(row[width:].tolist(), eos_ids, pad_id, keep_eos) for row in gen[b * n:(b + 1) * n]]
             if on_batch is not None:
                 on_batch(idx, [out[i] for i in idx])
             if progress is not None:
@@ -72,10 +75,10 @@ def generate_ids(model, prompts: list[list[int]], pad_id: int, eos_ids: list[int
     return out
 
 
-def _until_eos(ids: list[int], eos_ids: list[int], pad_id: int) -> list[int]:
+def _until_eos(ids: list[int], eos_ids: list[int], pad_id: int, keep_eos: bool = False) -> list[int]:
     for k, t in enumerate(ids):
         if t in eos_ids:
-            return ids[:k]
+            return ids[:k + keep_eos]
     while ids and ids[-1] == pad_id:  # rows that ran out of tokens are right-padded by generate
         ids = ids[:-1]
     return ids

@@ -30,6 +30,7 @@ from kd.forward import Distiller, eval_sums, head, isolates_packed_sequences, te
 from kd.guard import NonFiniteError, culprit, teacher_broken, teacher_nonfinite
 from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
+from kd.onpolicy import GenStats, OnPolicy
 from kd.preempt import StopRequest
 from kd.resume import recorded_state, schedule_after_resume
 from kd.tracking import Tracker
@@ -109,6 +110,22 @@ def evaluate(accelerator, student, teacher_sums, dataset, cfg: Config, pad_id: i
     row = {f"eval/{k}": totals[i].item() / n for i, k in enumerate(keys[:-1])}
     row["eval/ppl"] = math.exp(min(row["eval/ce"], 50.0))
     row["eval/tokens"] = totals[-1].item()
+    return row
+
+
+def onpolicy_row(accelerator, on: list[bool], n_on: float, kd_on: float, gen_totals: list[float], gen: GenStats,
+                 step_seconds: float) -> dict:
+    """train/onpolicy_* and train/gen_* of one step; gen_totals: the step's all-reduced
+    (sequences, tokens, stopped by length, seconds)."""
+    row = {"train/onpolicy_fraction": sum(on) / len(on)}
+    sequences, tokens, by_length, seconds = gen_totals
+    if sequences:
+        world = accelerator.num_processes
+        longest = accelerator.gather(torch.tensor([gen.longest], device=accelerator.device)).max().item()
+        row.update({"train/onpolicy_kd": kd_on / max(n_on, 1.0), "train/gen_len_mean": tokens / sequences,
+                    "train/gen_len_max": longest, "train/gen_stopped_by_length": by_length / sequences,
+                    "train/gen_tokens_per_s": tokens / max(seconds / world, 1e-9),
+                    "train/gen_time_share": seconds / world / step_seconds})
     return row
 
 
@@ -194,6 +211,10 @@ def train(cfg: Config) -> dict:
         teacher_sums = functools.partial(eval_sums, teacher=teacher, spec=spec)
     student = accelerator.unwrap_model(distiller).student
     use_teacher = spec.needs_teacher  # CE-only training never runs the teacher forward
+    # onpolicy.fraction > 0: some micro-batches are the student's own answers, graded by the teacher;
+    # a ZeRO-3 partitioned student decodes on all ranks together
+    onpolicy = OnPolicy(cfg, tokenizer, synced=hasattr(next(student.parameters()), "ds_id")) \
+        if cfg.onpolicy.fraction > 0 else None
     if cfg.data.packing:  # packed rows rely on position ids alone to keep examples apart
         for role, model in (("student", student), ("teacher", None if cache else teacher)):
             if model is not None and not isolates_packed_sequences(model, vocab):
@@ -223,12 +244,25 @@ def train(cfg: Config) -> dict:
     while step < total_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(accum)]
-        # Normalise by the response tokens of the whole optimizer step on all ranks, known before
-        # any backward: (micro 8, accum 1) and (micro 2, accum 4) and 2 ranks give equal gradients.
-        # The stop flag rides on the same all-reduce, so all ranks agree on the step they stop at.
+        # Which micro-batches the student answers itself: a function of (seed, step, index), the
+        # same on every rank, so all generate and run the teacher alike (collective under ZeRO-3).
+        on = [onpolicy is not None and onpolicy.active(step, i) for i in range(accum)]
+        gen = GenStats()
+        if any(on):
+            with accelerator.autocast():
+                for i in (i for i in range(accum) if on[i]):
+                    rows = [train_set[j] for j in sampler.indices(step * accum + i)]
+                    micro[i], made = onpolicy.batch(student, rows, step, i, accelerator.process_index)
+                    gen.add(made)
+        # Normalise by the response tokens of the whole optimizer step on all ranks (generated ones
+        # included), known before any backward: (micro 8, accum 1) and (micro 2, accum 4) and 2
+        # ranks give equal gradients. The stop flag rides on the same all-reduce, so all ranks agree
+        # on the step they stop at.
         counts = global_sum(accelerator, [sum(b["labels"].numel() for b in micro),
                                           sum(real_tokens(b) for b in micro),
-                                          float(stop.requested)])
+                                          float(stop.requested),
+                                          sum(b["labels"].numel() for b, o in zip(micro, on) if o),
+                                          gen.sequences, gen.tokens, gen.by_length, gen.seconds])
         if counts[2] > 0:
             save(step)
             tracker.print(f"stop requested ({stop.reason() or 'on another rank'}): checkpoint at "
@@ -238,15 +272,15 @@ def train(cfg: Config) -> dict:
             return {"step": step, "stopped": True}
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
         n_global = max(counts[0].item(), 1.0)
-        sums = torch.zeros(4, device=accelerator.device)  # weighted, ce, kd, teacher non-finite
+        sums = torch.zeros(5, device=accelerator.device)  # weighted, ce, kd (off-policy), teacher bad, kd on-policy
         forward_bad = None
         for i, batch in enumerate(micro):
             # accumulate(): gradients are all-reduced (DDP) or the engine steps (DeepSpeed) only on
             # the last micro-batch; backward divides by accum and ranks average, hence the factor
             with accelerator.accumulate(distiller):
                 with accelerator.autocast():
-                    t_out = teacher_outputs(batch) if use_teacher else None
-                if first_batch and use_teacher:  # a broken teacher is named at once
+                    t_out = teacher_outputs(batch) if use_teacher or on[i] else None
+                if first_batch and t_out is not None:  # a broken teacher is named at once
                     with gathered(getattr(teacher_head, "weight", None)):
                         broken = teacher_broken(t_out, getattr(teacher_head, "weight", None))
                     if global_sum(accelerator, [broken])[0] > 0:
@@ -254,17 +288,20 @@ def train(cfg: Config) -> dict:
                                              f"the first batch; check the teacher's weights and dtype")
                     first_batch = False
                 with gathered(getattr(teacher_head, "weight", None)):
-                    parts = distiller(batch, t_out, teacher_head)
-                sums += torch.stack([parts["weighted_sum"].detach(), parts["ce_sum"], parts["kd_sum"],
-                                     teacher_nonfinite(t_out).to(sums.device)]).float()
+                    parts = distiller(batch, t_out, teacher_head, onpolicy.spec if on[i] else None)
+                loss = parts["weighted_sum"] * onpolicy.cfg.weight if on[i] else parts["weighted_sum"]
+                zero = torch.zeros((), device=sums.device)
+                sums += torch.stack([loss.detach(), zero if on[i] else parts["ce_sum"],
+                                     zero if on[i] else parts["kd_sum"], teacher_nonfinite(t_out).to(sums.device),
+                                     parts["kd_sum"] if on[i] else zero]).float()
                 if i == accum - 1:
                     # The step's loss parts on all ranks, before the last backward (under DeepSpeed
                     # the engine steps inside it): a non-finite forward is never stepped.
                     totals = global_sum(accelerator, sums).tolist()
-                    forward_bad = culprit(totals[3], totals[:3])
+                    forward_bad = culprit(totals[3], totals[:3] + totals[4:])
                     if forward_bad:
                         break
-                accelerator.backward(parts["weighted_sum"] * (world * accum / n_global))
+                accelerator.backward(loss * (world * accum / n_global))
         grad_norm = None
         if not forward_bad:
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
@@ -294,17 +331,23 @@ def train(cfg: Config) -> dict:
         last = step == total_steps
         row = {}
         if step % cfg.log.log_every == 0 or last:
-            loss, ce, kd = (v / n_global for v in totals[:3])
+            n_on = counts[3].item()
+            n_off = n_global - n_on  # ce and kd are per off-policy token; on-policy kd apart
             dt = time.perf_counter() - t0
-            row = {"train/loss": loss, "train/ce": ce, "train/kd": kd, "train/lr": lr,
+            row = {"train/loss": totals[0] / n_global, "train/ce": totals[1] / max(n_off, 1.0),
+                   "train/kd": totals[2] / max(n_off, 1.0), "train/lr": lr,
                    "train/grad_norm": grad_norm if grad_norm is not None else float("nan"),
                    "train/response_tokens": n_global,
                    "train/tokens_per_s": counts[1].item() / dt, "train/epoch": sampler.epoch_of(step * accum),
                    "train/skipped_steps": skipped,
                    "sys/peak_mem_gib": memory_gib()[1], "sys/base_mem_gib": base_mem}
+            if onpolicy is not None:
+                row.update(onpolicy_row(accelerator, on, n_on, totals[4], counts[4:].tolist(), gen, dt))
+                if n_off == 0:  # no off-policy token this step: no CE to report
+                    del row["train/ce"], row["train/kd"]
             if bad:  # never log non-finite values as if they were metrics
                 row = {k: v for k, v in row.items() if not k.startswith(("train/loss", "train/ce", "train/kd",
-                                                                         "train/grad_norm"))}
+                                                                         "train/onpolicy_kd", "train/grad_norm"))}
         if eval_set is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or last):
             try:
                 row.update(evaluate(accelerator, student, teacher_sums, eval_set, cfg, pad_id))

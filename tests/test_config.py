@@ -86,3 +86,13 @@ def test_readme_documents_every_key():
     readme = (ROOT / "README.md").read_text()
     missing = [k for k in all_keys() if f"`{k}`" not in readme]
     assert not missing, f"README config table is missing {missing}: regenerate it with `python -m kd.config`"
+
+
+def test_keys_a_checkpoint_predates_are_no_change_at_their_default():
+    from kd.config import added_at_default, flat_dict, trajectory_changes
+
+    new = flat_dict(load_config("configs/demo.yaml"))
+    old = {k: v for k, v in new.items() if not k.startswith("onpolicy.")}  # a checkpoint from before on-policy
+    assert trajectory_changes(old, new) == [] and "onpolicy.fraction" in added_at_default(old, new)
+    changed = flat_dict(load_config("configs/demo.yaml", ["onpolicy.fraction=0.5"]))
+    assert trajectory_changes(old, changed) == [("onpolicy.fraction", None, 0.5)]
