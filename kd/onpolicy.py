@@ -21,7 +21,6 @@ list ends at (and includes) the end-of-turn token, or at the budget.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -86,8 +85,8 @@ class OnPolicy:
         self.cfg, self.seed = cfg.onpolicy, cfg.train.seed
         self.max_length, self.packing, self.pad_id = cfg.data.max_length, cfg.data.packing, tokenizer.pad_token_id
         # the divergence alone on student samples (no gold labels): alpha = 0
-        self.spec = dataclasses.replace(LossSpec.from_config(cfg.loss, len(tokenizer)), alpha=0.0,
-                                        divergence=cfg.onpolicy.divergence)
+        self.spec = LossSpec.from_config(cfg.loss, len(tokenizer)).replace(alpha=0.0,
+                                                                           divergence=cfg.onpolicy.divergence)
         self.generator = generator or StudentGenerator(tokenizer, cfg.onpolicy, synced)
 
     def active(self, step: int, micro: int) -> bool:

@@ -19,8 +19,9 @@ class CachedDistiller(Distiller):
     `loss.chunk_size` student rows at a time under activation checkpointing, so backward holds
     one chunk's [rows, V] at a time (the analytic kernels of kd.chunked need the teacher's rows)."""
 
-    def forward(self, batch: dict, cached: CachedTopK | None, teacher_head=None):
-        spec = self.spec if cached is not None else self.spec.replace(alpha=1.0)
+    def forward(self, batch: dict, cached: CachedTopK | None, teacher_head=None, spec: LossSpec | None = None):
+        spec = spec or self.spec  # the Distiller's signature; kd.train passes None (on-policy refuses a cache)
+        spec = spec if cached is not None else spec.replace(alpha=1.0)
         h = response_hidden(self.student, batch, "student")
         s_head = head(self.student)
         labels = batch["labels"]
