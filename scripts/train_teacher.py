@@ -1,6 +1,11 @@
-"""Train the shipped demo teacher (kd/demo/assets/teacher) and report its accuracy.
+"""Train a shipped demo teacher (kd/demo/assets/teacher, or --task choice: assets/choice-teacher).
 
-    python scripts/train_teacher.py [--out runs/teacher] [--no-ship] [--threads 2] [key=value ...]
+    python scripts/train_teacher.py [--task strategy|choice] [--out DIR] [--no-ship] [--threads 2] [key=value ...]
+
+--task choice trains the many-valid-answers teacher (kd/demo/choice.py, configs/teacher_choice.yaml)
+on 40000 fresh problems (repeats allowed, none of data/choice/eval.jsonl), each with one uniformly
+drawn valid answer, and reports its validity rate with and without its instructions. The steps
+below describe the default (strategy) task.
 
 1. Writes fresh strategy-task records (kd.tasks, fixed seed, no prompt of data/demo/eval.jsonl)
    to <out>/data/train.jsonl: the teacher is trained on gold responses *with* the instructions.
@@ -41,8 +46,11 @@ def main() -> None:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--skip-train", action="store_true", help="ship and evaluate <out>/student as it is")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training (the shipped weights: 2)")
+    ap.add_argument("--task", choices=("strategy", "choice"), default="strategy")
     args, overrides = ap.parse_known_args()
     os.chdir(ROOT)
+    if args.task == "choice":
+        return choice_teacher(args, overrides)
     from kd.demo import tasks
 
     out = Path(args.out)
@@ -91,6 +99,60 @@ def main() -> None:
     (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"teacher ({n:,} parameters): accuracy with instruction {results['strategy']['accuracy']:.3f}, "
           f"with the generic system message {results['generic']['accuracy']:.3f}")
+
+
+def choice_teacher(args, overrides) -> None:
+    import random
+
+    from kd.demo import choice
+    from kd.demo.builtin import CHOICE_TEACHER_DIR, TOKENIZER_DIR
+
+    out = Path(args.out if args.out != "runs/teacher" else "runs/teacher-choice")
+    evals = [json.loads(line) for line in open("data/choice/eval.jsonl")]
+    held_out = {r["prompt"] for r in evals}
+    rng, recs = random.Random(DATA_SEED), []
+    while len(recs) < 40000:  # fresh draws; a prompt may repeat with another valid answer
+        rec = choice.problem(rng, choice.STRATEGIES[len(recs) % 2])
+        if rec["prompt"] not in held_out:
+            recs.append({**rec, "response": choice.sample_response(rec, rng)})
+    data = out / "data" / "train.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "kd.train", "--config", "configs/teacher_choice.yaml", f"train.output_dir={out}",
+           f"data.train_files=[{data}]", *overrides]
+    if not args.skip_train:
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        print(f"teacher training: {time.time() - t0:.0f} s", flush=True)
+    model_dir = out / "student"
+    if not args.no_ship:
+        CHOICE_TEACHER_DIR.mkdir(parents=True, exist_ok=True)
+        for f in CHOICE_TEACHER_DIR.iterdir():
+            f.unlink()
+        for name in SHIP:
+            shutil.copyfile(model_dir / name, CHOICE_TEACHER_DIR / name)
+        for f in TOKENIZER_DIR.iterdir():
+            shutil.copyfile(f, CHOICE_TEACHER_DIR / f.name)
+        model_dir = CHOICE_TEACHER_DIR
+        print(f"shipped to {CHOICE_TEACHER_DIR}")
+
+    import torch
+
+    from kd.cli import quiet_libraries
+    from kd.tools.generate import generate_for_records, load_for_generation
+
+    quiet_libraries()
+    tok, model = load_for_generation(str(model_dir), "float32", torch.device("cpu"))
+    results = {"model": str(model_dir), "parameters": sum(p.numel() for p in model.parameters())}
+    for mode in ("strategy", "generic"):
+        texts = generate_for_records(model, tok, evals[: args.eval_limit], mode, 100, 64)
+        recs_ = evals[: args.eval_limit]
+        results[mode] = {"valid": sum(choice.is_valid(r, t) for r, t in zip(recs_, texts)) / len(recs_),
+                         "right_strategy": sum(choice.response_strategy(t) == r["strategy"]
+                                               for r, t in zip(recs_, texts)) / len(recs_)}
+    (out / "validity.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ SCHEME = "builtin:"
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
 TEACHER_DIR = ASSETS / "teacher"
+CHOICE_TEACHER_DIR = ASSETS / "choice-teacher"  # the teacher of the many-valid-answers task (kd/demo/choice.py)
 _MARKER = "kd_builtin.json"
 # Bump when the build recipe changes so stale caches are rebuilt.
 _RECIPE_VERSION = 2  # 2: tiny-teacher is the shipped trained model; its init is tiny-teacher-init
@@ -49,6 +50,7 @@ _MODELS = {
     **_INIT,
     # Fallback when kd/demo/assets/teacher is absent: the untrained init under the teacher's name.
     "tiny-teacher": _INIT["tiny-teacher-init"],
+    "tiny-choice-teacher": _INIT["tiny-teacher-init"],
     "tiny-student": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -102,6 +104,8 @@ def resolve(name_or_path: str) -> str:
         return str(TOKENIZER_DIR)
     if name == "tiny-teacher" and shipped_teacher() is not None:
         return str(TEACHER_DIR)
+    if name == "tiny-choice-teacher" and (CHOICE_TEACHER_DIR / "model.safetensors").is_file():
+        return str(CHOICE_TEACHER_DIR)
     if name not in _MODELS:
         raise ValueError(f"unknown builtin {name_or_path!r}; valid: {', '.join(builtin_names())}")
     return str(_ensure_built(name))

@@ -2,6 +2,8 @@
 
     python -m kd.experiment --config configs/experiment/default.yaml [--seeds 3] [--out runs/experiment/<config name>]
 
+A config with `kind: choice` runs the entropy experiment instead (kd/demo/choice_experiment.py).
+
 1. The teacher (builtin:tiny-teacher) answers the training prompts greedily, seeing their strategy
    instructions (kd.generate); its responses, right or wrong, are the distillation set.
 2. For each variant and seed, `python -m kd.train --config <base> <overrides>` trains the student:
@@ -23,7 +25,6 @@ Finished runs are reused on a rerun when their settings match (<out>/runs/<varia
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -34,52 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_settings(path: str, args) -> dict:
-    """The YAML settings with the command-line overrides applied."""
-    s = yaml.safe_load(Path(path).read_text())
-    if args.seeds is not None:
-        s["seeds"] = args.seeds
-    if args.max_steps is not None:
-        s["train_overrides"]["train.max_steps"] = args.max_steps
-    if args.train_limit is not None:
-        s["train_limit"] = args.train_limit
-    if args.eval_limit is not None:
-        s["eval"]["limit"] = args.eval_limit
-    if args.max_new_tokens is not None:
-        s["generation"]["max_new_tokens"] = s["eval"]["max_new_tokens"] = args.max_new_tokens
-    if args.variants:
-        s["variants"] = {k: v for k, v in s["variants"].items() if k in args.variants.split(",")}
-    return s
-
-
-def read_jsonl(path, limit=None) -> list[dict]:
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-    return rows[:limit]
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def model_digest(name: str) -> str:
-    """Hash of the resolved model's weights, so cached results follow the shipped teacher."""
-    from kd.demo.builtin import resolve
-
-    p = Path(resolve(name)) / "model.safetensors"
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else name
-
-
-def load(name: str):
-    import torch
-
-    from kd.tools.generate import load_for_generation
-
-    return load_for_generation(name, "float32", torch.device("cpu"))
+from kd.demo.runs import ROOT, digest, load, load_settings, model_digest, read_jsonl
 
 
 # --------------------------------------------------------------------------- steps
@@ -289,7 +245,8 @@ def main(argv=None) -> None:
     ap.add_argument("--train-limit", type=int, default=None, help="miniature runs: first N training prompts")
     ap.add_argument("--eval-limit", type=int, default=None, help="miniature runs: first N eval problems")
     ap.add_argument("--max-new-tokens", type=int, default=None)
-    ap.add_argument("--variants", default=None, help="comma-separated subset of the config's variants")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the config's variants (arms)")
+    ap.add_argument("--sizes", default=None, help="entropy experiment: comma-separated data sizes")
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and in each training run")
     ap.add_argument("--jobs", type=int, default=2, help="training runs at a time (each uses --threads)")
     args = ap.parse_args(argv)
@@ -304,6 +261,10 @@ def main(argv=None) -> None:
     quiet_libraries()
     command = "python -m kd.experiment " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     s = load_settings(args.config, args)
+    if s.get("kind") == "choice":  # the entropy experiment (kd/demo/choice_experiment.py)
+        from kd.demo import choice_experiment
+
+        return choice_experiment.main(s, args, command)
     out = Path(args.out or Path("runs/experiment") / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

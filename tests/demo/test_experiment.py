@@ -47,7 +47,11 @@ def test_experiment_configs_are_complete_and_distinct():
             assert (ROOT / s[key]).is_file(), (path.name, key)
         for key in ("teacher", "student"):
             assert s[key] in builtin.builtin_names(), (path.name, key)
-        assert s["seeds"] >= 3 and set(s["variants"]) == {"ce_erase", "kd_erase", "kd_noerase"}
+        if s.get("kind") == "choice":  # the entropy experiment: four arms, at least 5 seeds, three sizes
+            assert s["seeds"] >= 5 and set(s["arms"]) == {"ce", "kd", "onpolicy", "kd_noerase"}
+            assert len(s["sizes"]) >= 3 and max(s["sizes"]) >= 16 * min(s["sizes"])
+        else:
+            assert s["seeds"] >= 3 and set(s["variants"]) == {"ce_erase", "kd_erase", "kd_noerase"}
         reports.add(s["report"])
     assert len(reports) == len(configs)  # each config writes its own results file
 
