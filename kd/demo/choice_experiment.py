@@ -43,6 +43,7 @@ from kd.demo.runs import ROOT, digest, load, model_digest, read_jsonl
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
          2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 PROTOCOL, RESULTS = "<!-- protocol -->", "<!-- results -->"
+NOTES = "<!-- notes: kept across reruns -->"  # the hand-written reading below it survives a rerun
 
 
 def paired_ci(diffs: list[float]) -> tuple[float, float, float]:
@@ -341,8 +342,9 @@ def main(s: dict, args, command: str) -> None:
         if PROTOCOL in old and old.split(PROTOCOL)[1].split(RESULTS)[0].strip() != text.strip():
             log(f"{report}: the settings differ from the recorded protocol; a new protocol is written")
         report.parent.mkdir(parents=True, exist_ok=True)
+        notes = old[old.index(NOTES):] if NOTES in old else ""
         report.write_text(f"# {s['title']}\n\n{s.get('intro', '').strip()}\n\n{PROTOCOL}\n{text}\n{RESULTS}\n"
-                          "(results pending)\n")
+                          f"(results pending)\n\n{notes}")
     train = teacher_samples(s, prompts, s["sampling"]["seed"], out / "data" / "teacher_train.jsonl", log)
     fresh = teacher_samples(s, evals, s["eval"]["fresh_seed"], out / "data" / "teacher_eval.jsonl", log)
     files = {}
@@ -372,6 +374,9 @@ def main(s: dict, args, command: str) -> None:
     print(body)
     if not args.no_report:
         plot(s, runs, report.parent / Path(s["plot"]).name)
-        report.write_text(f"# {s['title']}\n\n{s.get('intro', '').strip()}\n\n{PROTOCOL}\n{text}\n{RESULTS}\n{body}")
+        old = report.read_text() if report.is_file() else ""
+        notes = old[old.index(NOTES):] if NOTES in old else ""
+        report.write_text(f"# {s['title']}\n\n{s.get('intro', '').strip()}\n\n{PROTOCOL}\n{text}\n{RESULTS}\n{body}\n"
+                          f"{notes}")
         log(f"wrote {report}")
 
