@@ -60,27 +60,7 @@ def main() -> None:
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
 
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "kd.train", "--config", "configs/teacher.yaml", f"train.output_dir={out}",
-           f"data.train_files=[{data}]", *overrides]
-    if not args.skip_train:  # (a rerun resumes from <out>'s latest checkpoint)
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        print(f"teacher training: {time.time() - t0:.0f} s", flush=True)
-
-    model_dir = out / "student"
-    if not args.no_ship:
-        ASSETS.mkdir(parents=True, exist_ok=True)
-        for f in ASSETS.iterdir():
-            f.unlink()
-        from kd.demo.builtin import TOKENIZER_DIR
-
-        for name in SHIP:
-            shutil.copyfile(model_dir / name, ASSETS / name)
-        for f in TOKENIZER_DIR.iterdir():  # byte-identical to kd/demo/assets/tokenizer
-            shutil.copyfile(f, ASSETS / f.name)
-        model_dir = ASSETS
-        print(f"shipped to {ASSETS}")
+    model_dir = train_and_ship(args, "configs/teacher.yaml", out, data, overrides, ASSETS)
 
     import torch
 
@@ -101,11 +81,36 @@ def main() -> None:
           f"with the generic system message {results['generic']['accuracy']:.3f}")
 
 
+def train_and_ship(args, config: str, out: Path, data: Path, overrides: list[str], assets: Path) -> Path:
+    """Train with `config` on `data` (a rerun resumes from <out>'s latest checkpoint), then copy the
+    export and the project tokenizer's files into `assets` (unless --no-ship). -> the model dir."""
+    from kd.demo.builtin import TOKENIZER_DIR
+
+    t0 = time.time()
+    cmd = [sys.executable, "-m", "kd.train", "--config", config, f"train.output_dir={out}",
+           f"data.train_files=[{data}]", *overrides]
+    if not args.skip_train:
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+        print(f"teacher training: {time.time() - t0:.0f} s", flush=True)
+    if args.no_ship:
+        return out / "student"
+    assets.mkdir(parents=True, exist_ok=True)
+    for f in assets.iterdir():
+        f.unlink()
+    for name in SHIP:
+        shutil.copyfile(out / "student" / name, assets / name)
+    for f in TOKENIZER_DIR.iterdir():  # byte-identical to kd/demo/assets/tokenizer
+        shutil.copyfile(f, assets / f.name)
+    print(f"shipped to {assets}")
+    return assets
+
+
 def choice_teacher(args, overrides) -> None:
     import random
 
     from kd.demo import choice
-    from kd.demo.builtin import CHOICE_TEACHER_DIR, TOKENIZER_DIR
+    from kd.demo.builtin import CHOICE_TEACHER_DIR
 
     out = Path(args.out if args.out != "runs/teacher" else "runs/teacher-choice")
     evals = [json.loads(line) for line in open("data/choice/eval.jsonl")]
@@ -118,24 +123,7 @@ def choice_teacher(args, overrides) -> None:
     data = out / "data" / "train.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    t0 = time.time()
-    cmd = [sys.executable, "-m", "kd.train", "--config", "configs/teacher_choice.yaml", f"train.output_dir={out}",
-           f"data.train_files=[{data}]", *overrides]
-    if not args.skip_train:
-        print("$", " ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
-        print(f"teacher training: {time.time() - t0:.0f} s", flush=True)
-    model_dir = out / "student"
-    if not args.no_ship:
-        CHOICE_TEACHER_DIR.mkdir(parents=True, exist_ok=True)
-        for f in CHOICE_TEACHER_DIR.iterdir():
-            f.unlink()
-        for name in SHIP:
-            shutil.copyfile(model_dir / name, CHOICE_TEACHER_DIR / name)
-        for f in TOKENIZER_DIR.iterdir():
-            shutil.copyfile(f, CHOICE_TEACHER_DIR / f.name)
-        model_dir = CHOICE_TEACHER_DIR
-        print(f"shipped to {CHOICE_TEACHER_DIR}")
+    model_dir = train_and_ship(args, "configs/teacher_choice.yaml", out, data, overrides, CHOICE_TEACHER_DIR)
 
     import torch
 

@@ -31,13 +31,11 @@ import json
 import math
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from kd.demo.runs import ROOT, digest, load, model_digest, read_jsonl
+from kd.demo.runs import ROOT, digest, load, model_digest, read_jsonl, train_cached
 
 # two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); above, the normal's
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -181,21 +179,10 @@ def run_one(s: dict, arm: str, size: int, seed: int, data: Path, out: Path, fres
                  "log.tracker": "none"}
     key = digest([overrides, s["base_config"], model_digest(s["teacher"]), s["eval"],
                   data.with_suffix(".meta.json").read_text() if data.with_suffix(".meta.json").is_file() else ""])
-    res_path, trained_path = run_dir / "result.json", run_dir / "trained.json"
+    res_path = run_dir / "result.json"
     if res_path.is_file() and json.loads(res_path.read_text()).get("key") == key:
         return None if train_only else json.loads(res_path.read_text())
-    trained = json.loads(trained_path.read_text()) if trained_path.is_file() else {}
-    if trained.get("key") != key:
-        cmd = [sys.executable, "-m", "kd.train", "--config", str(ROOT / s["base_config"]),
-               *[f"{k}={v}" for k, v in overrides.items()]]
-        t0 = time.time()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"kd: error: training {arm} n={size} seed {seed} failed ({p.returncode}):\n"
-                             f"{p.stderr[-3000:]}")
-        trained = {"key": key, "train_seconds": round(time.time() - t0, 1)}
-        trained_path.write_text(json.dumps(trained) + "\n")
-        log(f"{arm} n={size} seed {seed}: trained in {trained['train_seconds']:.0f} s")
+    trained = train_cached(run_dir, s["base_config"], overrides, key, f"{arm} n={size} seed {seed}", log)
     if train_only:
         return None
     t0 = time.time()

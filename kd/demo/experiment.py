@@ -30,12 +30,11 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from kd.demo.runs import ROOT, digest, load, load_settings, model_digest, read_jsonl
+from kd.demo.runs import ROOT, digest, load, load_settings, model_digest, read_jsonl, train_cached
 
 
 # --------------------------------------------------------------------------- steps
@@ -88,22 +87,12 @@ def train_one(s: dict, variant: str, seed: int, data: Path, eval_file: Path, out
                  "log.progress_bar": "false", "log.tracker": "none"}
     key = digest([overrides, s["base_config"], model_digest(s["teacher"]), s["eval"],
                   (data.parent / "meta.json").read_text()])
-    res_path, trained_path = run_dir / "result.json", run_dir / "trained.json"
+    res_path = run_dir / "result.json"
     if res_path.is_file() and json.loads(res_path.read_text()).get("key") == key:
         if not train_only:
             log(f"{variant} seed {seed}: reusing {res_path}")
         return None if train_only else json.loads(res_path.read_text())
-    trained = json.loads(trained_path.read_text()) if trained_path.is_file() else {}
-    if trained.get("key") != key:
-        cmd = [sys.executable, "-m", "kd.train", "--config", str(ROOT / s["base_config"]),
-               *[f"{k}={v}" for k, v in overrides.items()]]
-        t0 = time.time()
-        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if p.returncode != 0:
-            raise SystemExit(f"kd: error: training {variant} seed {seed} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-        trained = {"key": key, "train_seconds": round(time.time() - t0, 1)}
-        trained_path.write_text(json.dumps(trained) + "\n")
-        log(f"{variant} seed {seed}: trained in {trained['train_seconds']:.0f} s")
+    trained = train_cached(run_dir, s["base_config"], overrides, key, f"{variant} seed {seed}", log)
     if train_only:
         return None
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]

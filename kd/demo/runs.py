@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -55,3 +58,21 @@ def load(name: str):
     from kd.tools.generate import load_for_generation
 
     return load_for_generation(name, "float32", torch.device("cpu"))
+
+
+def train_cached(run_dir: Path, base_config: str, overrides: dict, key: str, what: str, log) -> dict:
+    """`python -m kd.train` for one student unless <run_dir>/trained.json records the same `key`;
+    -> {key, train_seconds}. A failed training ends the experiment with its stderr."""
+    trained_path = run_dir / "trained.json"
+    trained = json.loads(trained_path.read_text()) if trained_path.is_file() else {}
+    if trained.get("key") == key:
+        return trained
+    cmd = [sys.executable, "-m", "kd.train", "--config", str(ROOT / base_config), *[f"{k}={v}" for k, v in overrides.items()]]
+    t0 = time.time()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"kd: error: training {what} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    trained = {"key": key, "train_seconds": round(time.time() - t0, 1)}
+    trained_path.write_text(json.dumps(trained) + "\n")
+    log(f"{what}: trained in {trained['train_seconds']:.0f} s")
+    return trained
