@@ -341,10 +341,9 @@ def find(accelerator, output_dir: str, resume: str, say=print) -> tuple[Path, di
 
 def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
     """Load a verified checkpoint into the prepared model and optimizer and restore this rank's
-    RNG states (a rank beyond the recorded world size takes rank % old_world's)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    RNG states (a rank beyond the recorded world size takes rank % old_world's). A file that
+    matches its checksum but is not what it should be (not safetensors, tensors of another model)
+    is a CheckpointError naming it."""
     engine = _engine(accelerator, model)
     if engine is not None:
         with _weights_only_engine_loads(engine):
@@ -356,35 +355,67 @@ def load(accelerator, model, optimizer, path: Path, old_world: int) -> None:
     else:
         device = accelerator.device
         load_weights(accelerator.unwrap_model(model), path, device)
-        with safe_open(str(path / OPTIMIZER_FILE), framework="pt") as f:
-            structure = f.metadata()["structure"]
-        optimizer.load_state_dict(_optimizer_from_tensors(load_file(str(path / OPTIMIZER_FILE), device=str(device)),
-                                                          structure))
+        tensors, meta = read_tensors(path / OPTIMIZER_FILE, device)
+        try:
+            optimizer.load_state_dict(_optimizer_from_tensors(tensors, meta["structure"]))
+        except (KeyError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path / OPTIMIZER_FILE}: does not fit this optimizer ({_first_line(e)})") from None
     rng = path / f"rng_{accelerator.process_index % max(old_world, 1):05d}.safetensors"
-    with safe_open(str(rng), framework="pt") as f:
-        meta = f.metadata()
-    _set_rng_state(load_file(str(rng)), meta)
+    tensors, meta = read_tensors(rng)
+    try:
+        _set_rng_state(tensors, meta)
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{rng}: not a kd RNG state ({type(e).__name__})") from None
+
+
+def _device_name(device) -> str:
+    """safetensors takes 'cpu' or 'cuda:N'; a CPU rank's torch device prints as 'cpu:0' under DDP."""
+    device = torch.device(device)
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def read_tensors(path: Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors, metadata) of a safetensors file, or CheckpointError naming it (one line)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=_device_name(device)) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types, OSError, ...)
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[-1] if isinstance(e, RuntimeError) and len(lines) > 1 else (lines or [type(e).__name__])[0])[:160]
 
 
 def load_weights(module, path: Path, device, prefix: str = "") -> None:
     """A single-process/DDP checkpoint's model weights into `module`: the Distiller that saved
     them, or (prefix="student.") the student alone. A LoRA student's checkpoint holds its trainable
     parameters only; the frozen base weights are the module's own."""
-    from safetensors.torch import load_file, load_model
+    from safetensors.torch import load_model
 
     if prefix:  # the saved names are the Distiller's: give the module the same place in a holder
         holder = torch.nn.Module()
         holder.add_module(prefix.rstrip("."), module)
         module = holder
+    file = path / MODEL_FILE
     if _partial(module):
-        found = load_file(str(path / MODEL_FILE), device=str(device))
-        _, unexpected = module.load_state_dict(found, strict=False)
+        found, _ = read_tensors(file, device)
+        try:
+            _, unexpected = module.load_state_dict(found, strict=False)
+        except RuntimeError as e:  # shapes that do not fit
+            raise CheckpointError(f"{file} does not fit this model ({_first_line(e)})") from None
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         missing, unexpected = trainable - found.keys(), set(unexpected)
     else:
-        missing, unexpected = load_model(module, str(path / MODEL_FILE), strict=False, device=str(device))
+        try:  # load_model restores the tensors save_model wrote once for several (tied) names
+            missing, unexpected = load_model(module, str(file), strict=False, device=_device_name(device))
+        except Exception as e:  # noqa: BLE001 (not safetensors, or shapes that do not fit)
+            raise CheckpointError(f"{file}: cannot be loaded into this model ({_first_line(e)})") from None
     if missing or unexpected:
-        raise CheckpointError(f"{path / MODEL_FILE} does not fit this model (missing {sorted(missing)[:3]}, "
+        raise CheckpointError(f"{file} does not fit this model (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
 
 

@@ -30,14 +30,38 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_cli(args: list[str], *, procs: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the trainer as a user would: `python -m kd.train` (procs=0) or `accelerate launch`."""
+def cli_cmd(args: list[str], procs: int = 0) -> list[str]:
+    """The trainer's command line as a user types it: `python -m kd.train` (procs=0) or
+    `accelerate launch` with 1 or 2 CPU processes."""
     if procs == 0:
-        cmd = [PY, "-m", "kd.train", *args]
-    else:
-        cfg = "launch/cpu.yaml" if procs == 1 else "launch/cpu_ddp2.yaml"
-        cmd = [ACCELERATE, "launch", "--config_file", cfg, "--main_process_port", str(free_port()),
-               "--num_cpu_threads_per_process", "1", "kd/train.py", *args]
+        return [PY, "-m", "kd.train", *args]
+    cfg = "launch/cpu.yaml" if procs == 1 else "launch/cpu_ddp2.yaml"
+    return [ACCELERATE, "launch", "--config_file", cfg, "--main_process_port", str(free_port()),
+            "--num_cpu_threads_per_process", "1", "kd/train.py", *args]
+
+
+def kill_run(proc: subprocess.Popen) -> None:
+    """SIGKILL a launched run as a node failure would: the launcher and every rank. torch's
+    elastic launcher starts each rank in a session of its own, so a kill of the launcher's process
+    group alone would leave the ranks training on."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(procs, timeout=30)
+
+
+def run_cli(args: list[str], *, procs: int = 0, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the trainer as a user would (see cli_cmd)."""
+    cmd = cli_cmd(args, procs)
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import signal
 import subprocess
 import time
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import ACCELERATE, ROOT, free_port, run_cli, tiny_overrides
+from conftest import ACCELERATE, ROOT, free_port, kill_run, run_cli, tiny_overrides
 from kd.checkpoint import file_digest
 
 pytestmark = pytest.mark.slow
@@ -92,12 +91,12 @@ def test_zero3_killed_run_resumes_to_the_same_weights(small_data, tmp_path):
     deadline = time.time() + 600
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
-    proc.wait()
-    assert latest.read_text() != "step_00000016", "the run finished before it could be killed"
+    kill_run(proc)  # the launcher and both ranks
+    killed_at = latest.read_text()
+    assert killed_at != "step_00000016", "the run finished before it could be killed"
 
     res = run_ds(3, tiny_overrides(small_data, out, **extra))
-    assert "resumed from" in res.stdout
+    assert f"resumed from {out / 'checkpoints' / killed_at}" in res.stdout
     a, b = student_weights(ref), student_weights(out)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import PY, ROOT, run_cli, tiny_overrides
+from conftest import PY, ROOT, cli_cmd, kill_run, run_cli, tiny_overrides
 from kd.models import resolve
 
 DEMO = "configs/demo.yaml"
@@ -83,31 +83,34 @@ def test_gradients_equal_across_micro_batch_accumulation_and_ranks(small_data, t
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_identical_weights(small_data, tmp_path):
-    extra = {"train.max_steps": 30, "train.save_every": 4, "train.keep_checkpoints": 2}
+@pytest.mark.parametrize("procs", [0, 2], ids=["one-process", "ddp-2-ranks"])
+def test_killed_run_resumes_to_identical_weights(procs, small_data, tmp_path):
+    extra = {"train.max_steps": 30 if procs == 0 else 16, "train.save_every": 4, "train.keep_checkpoints": 2}
+    if procs:
+        extra["train.micro_batch_size"] = 2  # the same global batch as one process at 4
+    last = f"step_{extra['train.max_steps']:08d}"
     ref = tmp_path / "ref"
-    run_cli(["--config", DEMO, *tiny_overrides(small_data, ref, **extra)])
+    run_cli(["--config", DEMO, *tiny_overrides(small_data, ref, **extra)], procs=procs)
 
     out = tmp_path / "killed"
-    cmd = [PY, "-m", "kd.train", "--config", DEMO, *tiny_overrides(small_data, out, **extra)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli_cmd(["--config", DEMO, *tiny_overrides(small_data, out, **extra)], procs), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_run(proc)
     killed_at = latest.read_text()
-    assert killed_at != "step_00000030", "the run finished before it could be killed"
+    assert killed_at != last, "the run finished before it could be killed"
     assert not (out / "student").exists()
 
-    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **extra)])
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **extra)], procs=procs)
     assert f"resumed from {out / 'checkpoints' / killed_at}" in res.stdout
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bitwise
-    assert [r["step"] for r in metrics(out)] == list(range(1, 31))
+    assert [r["step"] for r in metrics(out)] == list(range(1, extra["train.max_steps"] + 1))
     assert [r["train/loss"] for r in metrics(out)] == [r["train/loss"] for r in metrics(ref)]
 
 

@@ -122,9 +122,11 @@ def _fingerprint(name: str) -> dict:
 
 
 def _is_complete(path: Path, name: str) -> bool:
-    """A build is usable when its marker (written last) matches the current fingerprint."""
+    """A build is usable when its marker (written last) matches the current fingerprint and the
+    model files are there (a build by an older kd under torch.distributed could lack them)."""
     try:
-        return json.loads((path / _MARKER).read_text()) == _fingerprint(name)
+        return json.loads((path / _MARKER).read_text()) == _fingerprint(name) \
+            and all((path / f).is_file() for f in ("config.json", "model.safetensors"))
     except (OSError, ValueError):
         return False
 
@@ -185,7 +187,17 @@ def _build(name: str, out: Path) -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["seed"])
         model = LlamaForCausalLM(config)
-    model.save_pretrained(str(out), safe_serialization=True)
+    # Not save_pretrained: under torch.distributed it writes only on rank 0, and any rank may be
+    # the one that builds (a rank that lost would leave a directory without weights).
+    from safetensors.torch import save_file
+
+    config.save_pretrained(str(out))
+    model.generation_config.save_pretrained(str(out))
+    weights = model.state_dict()
+    if config.tie_word_embeddings:  # stored once, under the name save_pretrained keeps
+        for key in getattr(model, "_tied_weights_keys", None) or {}:
+            weights.pop(key, None)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     for f in TOKENIZER_DIR.iterdir():
         shutil.copyfile(f, out / f.name)
     # Written last: its presence means every other file is complete.
