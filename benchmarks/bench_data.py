@@ -88,6 +88,17 @@ if mode.startswith("rss"):
     status = dict(l.split(":", 1) for l in open("/proc/self/status"))
     print(json.dumps({{"rss_anon_mib": int(status["RssAnon"].split()[0]) / 1024,
                       "rss_file_mib": int(status["RssFile"].split()[0]) / 1024, "rows": n}}))
+elif mode == "verify":  # a second start's integrity work, timed apart: the data's content hash, the store's check
+    from kd.data.store import check, fingerprint, store_root
+    t1 = time.perf_counter()
+    path = store_root(cfg) / fingerprint(cfg, tok, 0)
+    t2 = time.perf_counter()
+    assert check(path) is None
+    t3 = time.perf_counter()
+    size = lambda p: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    from pathlib import Path
+    print(json.dumps({{"seconds": dt, "fingerprint_s": t2 - t1, "check_s": t3 - t2,
+                      "data_mib": Path({data!r}).stat().st_size / 2**20, "store_mib": size(path) / 2**20}}))
 else:
     print(json.dumps({{"seconds": dt, "examples": stats.examples, "target_tokens": stats.target_tokens,
                       "teacher_tokens": sum(len(x) for x in train["teacher_ids"])}}))
@@ -116,6 +127,7 @@ def part_store(args) -> None:
         memory = child(code, "memory")
         first = child(code, "first")
         second = child(code, "second")
+        verify = child(code, "verify")
         lens = json.loads(subprocess.run([sys.executable, "-c", code.replace('mode = sys.argv[1]', 'mode = "x"')
                                           + "\nimport numpy as np\nl = np.array([len(x) for x in train['teacher_ids']])"
                                           "\nprint(json.dumps({'p50': float(np.median(l)), 'p99': float(np.percentile(l, 99))}))",
@@ -127,6 +139,9 @@ def part_store(args) -> None:
                         ("first start with the store (tokenise + write)", first),
                         ("second start (memory-map the store)", second)):
             print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / memory['seconds']:.3f} |")
+        print(f"\nof a second start ({verify['seconds']:.2f} s): the data's content hash "
+              f"({verify['data_mib']:.0f} MiB) {verify['fingerprint_s']:.2f} s, the store's checksums "
+              f"({verify['store_mib']:.0f} MiB) {verify['check_s']:.2f} s")
         procs = {m: [subprocess.Popen([sys.executable, "-c", code, m], stdout=subprocess.PIPE, text=True)
                      for _ in range(2)] for m in ("rss-memory",)}
         held = {m: [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in ps] for m, ps in procs.items()}

@@ -26,20 +26,18 @@ on resume, so a changed `optim.lr` really takes effect when the config change is
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import xxhash
 
 from kd import lora
 from kd.distributed import first_failure, is_deepspeed
 from kd.errors import KDError
+from kd.integrity import digests, file_digest, files_under, fsync_dir, problems, summary, write_atomic, write_failure
 
 STATE_FILE = "trainer_state.json"
 CHECKSUMS = "checksums.json"
@@ -47,55 +45,14 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
-_BLOCK = 16 * 2**20
 
 
 class CheckpointError(KDError):
     """A checkpoint that cannot be written or used (disk full, damaged, none usable)."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-# --------------------------------------------------------------------------- checksums
-
-
-def file_digest(path: Path) -> str:
-    """XXH3-128 of a file, read in 16 MiB blocks into one reused buffer. XXH3 hashes at ~16 GB/s
-    per core here (CRC-32 manages ~3, SHA-256 ~1.6), so verifying costs little next to writing.
-    A checksum against corruption and truncation, not a signature against tampering."""
-    h = xxhash.xxh3_128()
-    buf = bytearray(_BLOCK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-
-
 def _hash_share(root: Path, names: list[str]) -> dict[str, dict]:
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        digests = list(pool.map(lambda n: file_digest(root / n), names))
-    return {n: {"size": (root / n).stat().st_size, "xxh3_128": d} for n, d in zip(names, digests)}
+    return digests(root, names)
 
 
 def _gather(accelerator, obj):
@@ -116,19 +73,10 @@ def verify(accelerator, path: Path) -> str | None:
         problem = f"no readable {CHECKSUMS} ({type(e).__name__})"
         record = {}
     names = sorted(record)
-    mine = names[accelerator.process_index::accelerator.num_processes]
-    bad = []
-    for name in mine:
-        f = path / name
-        if not f.is_file():
-            bad.append(f"{name} is missing")
-        elif f.stat().st_size != record[name]["size"]:
-            bad.append(f"{name} has {f.stat().st_size} bytes, {record[name]['size']} were written")
-        elif file_digest(f) != record[name]["xxh3_128"]:
-            bad.append(f"{name} does not match its checksum")
+    bad = problems(path, record, names[accelerator.process_index::accelerator.num_processes])
     found = [b for share in _gather(accelerator, bad) for b in share]
     if problem is None and found:
-        problem = "; ".join(sorted(found)[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+        problem = summary(found)
     return problem
 
 
@@ -221,7 +169,7 @@ def save(accelerator, model, optimizer, output_dir: str, step: int, state: dict,
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         except Exception as e:  # noqa: BLE001 (any write failure becomes one line on every rank)
-            failure = _describe(e, root)
+            failure = write_failure(e, root)
     failure = first_failure(accelerator, failure)
     if not failure:
         try:
@@ -240,11 +188,11 @@ def save(accelerator, model, optimizer, output_dir: str, step: int, state: dict,
             tensors, meta = _rng_state()
             save_file(tensors, str(tmp / f"rng_{rank:05d}.safetensors"), metadata=meta)
         except Exception as e:  # noqa: BLE001
-            failure = _describe(e, tmp)
+            failure = write_failure(e, tmp)
     failure = first_failure(accelerator, failure)
     if not failure:
         # every rank has written: hash in parallel (each rank a share of the files), rank 0 records
-        names = _files(tmp) if accelerator.is_main_process else None
+        names = files_under(tmp, skip=(CHECKSUMS,)) if accelerator.is_main_process else None
         if accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -255,18 +203,18 @@ def save(accelerator, model, optimizer, output_dir: str, step: int, state: dict,
                 for name in names:
                     with open(tmp / name, "rb+") as fh:
                         os.fsync(fh.fileno())
-                _write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
+                write_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
                 record = {k: v for share in shares for k, v in share.items()}
                 record[STATE_FILE] = {"size": (tmp / STATE_FILE).stat().st_size,
                                       "xxh3_128": file_digest(tmp / STATE_FILE)}
-                _write_atomic(tmp / CHECKSUMS, json.dumps({"files": record}, indent=1, sort_keys=True))
+                write_atomic(tmp / CHECKSUMS, json.dumps({"files": record}, indent=1, sort_keys=True))
                 if final.exists():  # re-saving a step (e.g. end of a resumed run) replaces it
                     shutil.rmtree(final)
                 os.rename(tmp, final)
                 fsync_dir(root)
-                _write_atomic(root / "latest", final.name)
+                write_atomic(root / "latest", final.name)
             except Exception as e:  # noqa: BLE001
-                failure = _describe(e, tmp)
+                failure = write_failure(e, tmp)
         failure = first_failure(accelerator, failure)
     if failure:
         if accelerator.is_main_process:
@@ -278,20 +226,6 @@ def save(accelerator, model, optimizer, output_dir: str, step: int, state: dict,
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _describe(e: Exception, where: Path) -> str:
-    """One line for a failed write. Writers word a full disk differently (OSError ENOSPC,
-    safetensors' 'os error 28', torch.save's 'unexpected pos'), so the free space decides too."""
-    try:
-        free = shutil.disk_usage(where if where.exists() else where.parent).free
-    except OSError:
-        free = -1
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if getattr(e, "errno", None) == errno.ENOSPC or "os error 28" in text or "No space left" in text \
-            or 0 <= free < 2**20:
-        return f"no space left on the device of {where} ({free / 2**20:.1f} MiB free)"
-    return f"{getattr(e, 'strerror', None) or text[:200]} ({getattr(e, 'filename', None) or where})"
 
 
 # --------------------------------------------------------------------------- resume

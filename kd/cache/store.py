@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from kd.checkpoint import fsync_dir
+from kd.integrity import fsync_dir
 from kd.errors import KDError
 from kd.loss.topk import CachedTopK
 from kd.models import tokenizer_sha256

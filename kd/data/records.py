@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -95,7 +96,9 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
             if path.suffix != ".parquet" and not _has_content(path):
                 raise DataError(f"{f}: no records (the file is empty)")
             try:
-                ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+                # datasets' own cache keys local files on path and mtime, and would serve the old rows
+                # of an edit whose mtime was put back: parse into a fresh scratch directory instead
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_scratch_dir())
             except Exception as e:
                 raise DataError(_diagnose(path, e)) from None
             if len(ds) == 0:
@@ -112,6 +115,32 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
         n = len(ds)
         return ds.add_column("_source", [f"{dataset}[{split}]"] * n).add_column("_row", list(range(n)))
     raise DataError("no training data: set data.train_files or data.dataset")
+
+
+def _scratch_dir() -> str:
+    """A new directory inside datasets' scratch space (removed when the process exits)."""
+    import tempfile
+
+    from datasets import fingerprint
+
+    return tempfile.mkdtemp(dir=fingerprint.get_temporary_cache_files_directory())
+
+
+@contextlib.contextmanager
+def scratch_caching():
+    """datasets writes the results of map/filter/select/split next to their source's Arrow files:
+    into the user's `save_to_disk` directory (which may be read-only), where a later identical run
+    would not even look. Inside this block they go to datasets' scratch directory instead
+    (removed at exit); the tokenised store is written by kd itself."""
+    from datasets import fingerprint
+
+    was = fingerprint.is_caching_enabled()
+    fingerprint.disable_caching()
+    try:
+        yield
+    finally:
+        if was:
+            fingerprint.enable_caching()
 
 
 def _from_disk(path: Path, split: str):

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kd.config import DataConfig
-from kd.data.records import load_records, renamed, to_conversation, to_messages
+from kd.data.records import load_records, renamed, scratch_caching, to_conversation, to_messages
 from kd.errors import DataError
 
 def _system_views(system, erase, generic_system):
@@ -282,6 +282,11 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int, log=print):
 
 
 def _build(cfg: DataConfig, tokenizer, seed: int, keep_in_memory: bool):
+    with scratch_caching():  # nothing is written beside the user's input files
+        return _build_views(cfg, tokenizer, seed, keep_in_memory)
+
+
+def _build_views(cfg: DataConfig, tokenizer, seed: int, keep_in_memory: bool):
     train_recs = renamed(load_records(cfg.train_files, cfg.dataset, cfg.dataset_config, cfg.train_split), cfg.columns)
     eval_recs = None
     if cfg.eval_files:
