@@ -416,24 +416,33 @@ def export(accelerator, distiller, tokenizer, output_dir: str, mode: str = "full
     bad = first_failure(accelerator, bad)
     if bad:
         raise CheckpointError(f"not exporting the student: tensor {bad!r} holds non-finite values")
+    failure = ""
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        student = accelerator.unwrap_model(distiller).student
-        if lora.is_adapted(student) and mode == "adapter":
-            student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        elif lora.is_adapted(student):
-            # the merge adds into the base weights: on copies, never into the live (ungathered) ones
-            state_dict = {k: v.detach().clone() if ".base_layer." in k else v for k, v in state_dict.items()}
-            lora.merged(student, state_dict).save_pretrained(tmp, safe_serialization=True)
-        else:
-            if getattr(student.config, "tie_word_embeddings", False):
-                # a gathered (ZeRO) state dict holds tied weights as separate copies: keep the source only
-                for key in getattr(student, "_tied_weights_keys", None) or {}:
-                    state_dict.pop(key, None)
-            student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        try:
+            student = accelerator.unwrap_model(distiller).student
+            if lora.is_adapted(student) and mode == "adapter":
+                student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            elif lora.is_adapted(student):
+                # the merge adds into the base weights: on copies, never into the live (ungathered) ones
+                state_dict = {k: v.detach().clone() if ".base_layer." in k else v for k, v in state_dict.items()}
+                lora.merged(student, state_dict).save_pretrained(tmp, safe_serialization=True)
+            else:
+                if getattr(student.config, "tie_word_embeddings", False):
+                    # a gathered (ZeRO) state dict holds tied weights as separate copies: keep the source only
+                    for key in getattr(student, "_tied_weights_keys", None) or {}:
+                        state_dict.pop(key, None)
+                student.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if out.exists():
+                shutil.rmtree(out)
+            os.rename(tmp, out)
+        except Exception as e:  # noqa: BLE001 (a full disk, a read-only directory: one line, nothing left)
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = write_failure(e, tmp)
+    failure = first_failure(accelerator, failure)
+    if failure:
+        raise CheckpointError(f"student not exported: {failure}; the last checkpoint is kept (rerun to export "
+                              f"from it)")
     accelerator.wait_for_everyone()
     return out

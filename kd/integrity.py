@@ -32,6 +32,23 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def source_identity(name: str) -> list:
+    """What a data source is, by content: a file's resolved path, size and hash; a directory's
+    (a save_to_disk dataset) files the same way; anything else (a hub name) as given. A same-size
+    edit whose mtime was put back (rsync -t, a restored backup) still changes it."""
+    p = Path(name)
+    if p.is_dir():
+        return [str(p.resolve()), [(str(f.relative_to(p)), f.stat().st_size, file_digest(f))
+                                   for f in sorted(p.rglob("*")) if f.is_file()]]
+    if p.is_file():
+        return [str(p.resolve()), p.stat().st_size, file_digest(p)]
+    return [name]
+
+
+def text_digest(text: str) -> str:
+    return xxhash.xxh3_128_hexdigest(text.encode())
+
+
 def files_under(root: Path, skip: tuple[str, ...] = ()) -> list[str]:
     """Every file below `root`, as sorted relative paths, except those named in `skip`."""
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in skip)

@@ -4,6 +4,8 @@
 tokenizer's own template.
 """
 
+from kd.errors import DataError
+
 CHATML = (
     "{% for m in messages %}"
     "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
@@ -31,3 +33,14 @@ def resolve(template: str | None) -> str | None:
     if template is None:
         return None
     return BUILTIN.get(template, template)
+
+
+def render(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False) -> str:
+    """The conversation as the template's text; a template that fails on it (a Jinja error, a
+    sandbox violation, its own raise_exception) is a DataError naming the record."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 (jinja2's TemplateError family, ValueError, TypeError, ...)
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        raise DataError(f"{where}: the chat template fails on it ({type(e).__name__}: {why}); check "
+                        f"data.chat_template or the tokenizer's own template") from None

@@ -65,6 +65,8 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, schedule_steps: int | No
     total = schedule_steps or cfg.train.max_steps
 
     def lr_factor(step: int) -> float:
+        if step >= total:  # past the schedule (a run grown on resume): the floor, even mid-warmup
+            return o.min_lr_ratio
         if step < o.warmup_steps:
             return (step + 1) / o.warmup_steps
         progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
@@ -127,6 +129,12 @@ def onpolicy_row(accelerator, on: list[bool], n_on: float, kd_on: float, gen_tot
                     "train/gen_tokens_per_s": tokens / max(seconds / world, 1e-9),
                     "train/gen_time_share": seconds / world / step_seconds})
     return row
+
+
+def kept_checkpoint(cfg: Config) -> str:
+    """What a run that stops on a non-finite value leaves to resume from, in words."""
+    kept = checkpoint.candidates(cfg.train.output_dir)
+    return f"last good checkpoint {kept[0]}" if kept else "no checkpoint was written"
 
 
 def open_run_dir(accelerator, cfg: Config) -> rundir.RunLock:
@@ -314,9 +322,7 @@ def train(cfg: Config) -> dict:
             # DeepSpeed's engine has stepped inside backward by the time its gradient norm is known
             taken = "applied in memory only, nothing saved" if grad_norm is not None and is_deepspeed(accelerator) \
                 else "no step taken"
-            kept = checkpoint.candidates(cfg.train.output_dir)
-            raise NonFiniteError(f"step {step + 1}: {bad} went non-finite{why}; {taken}; "
-                                 f"{'last good checkpoint ' + str(kept[0]) if kept else 'no checkpoint was written'}")
+            raise NonFiniteError(f"step {step + 1}: {bad} went non-finite{why}; {taken}; {kept_checkpoint(cfg)}")
         if bad:  # skip: this step's data is consumed, weights and optimizer state stay as they are
             skipped, skipped_in_row = skipped + 1, skipped_in_row + 1
             tracker.print(f"step {step + 1}: {bad} went non-finite; step skipped ({skipped_in_row} in a row)")
@@ -356,7 +362,7 @@ def train(cfg: Config) -> dict:
                     if row:
                         tracker.log(row, step)  # the training step itself was finite
                     tracker.finish()
-                    raise NonFiniteError(f"step {step}: {e}; the last good checkpoint is kept") from None
+                    raise NonFiniteError(f"step {step}: {e}; {kept_checkpoint(cfg)}") from None
                 tracker.print(f"step {step}: {e}; not logged")
         if row:
             tracker.log(row, step)

@@ -60,7 +60,7 @@ def test_nan_teacher_in_eval_is_never_reported(small_data, tmp_path, nan_teacher
     out = tmp_path / "run"
     res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
         "teacher.name_or_path": nan_teacher, "loss.alpha": 1.0, "train.eval_every": 1})], check=False)
-    one_line_error(res, 3, r"step 1: eval metrics are non-finite \(kd, loss\)")
+    one_line_error(res, 3, r"step 1: eval metrics are non-finite \(kd, loss\); no checkpoint was written$")
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and not any("eval/ce" in r for r in rows) and not (out / "student").exists()
 
@@ -121,6 +121,67 @@ def test_export_refuses_non_finite_weights(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="not exporting the student: tensor 'model.norm.weight'"):
         checkpoint.export(acc, Distiller(student, LossSpec(len(tok))), tok, str(tmp_path))
     assert not (tmp_path / "student").exists()
+
+
+def test_a_failed_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd.forward import Distiller
+    from kd.loss import LossSpec
+
+    student = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-student"))
+    tok = AutoTokenizer.from_pretrained(resolve("builtin:tokenizer"))
+    real = type(tok).save_pretrained
+
+    def disk_fills(self, directory, *a, **k):  # the weights are written, then the disk is full
+        real(self, directory, *a, **k)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(tok), "save_pretrained", disk_fills)
+    with pytest.raises(checkpoint.CheckpointError, match=r"^student not exported: no space left on the device of "
+                                                         r".*\.student\.partial \([0-9.]+ MiB free\)"):
+        checkpoint.export(Accelerator(cpu=True), Distiller(student, LossSpec(len(tok))), tok, str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _replace_verified(step: Path, name: str, data: bytes) -> None:
+    """Put `data` in place of a checkpoint file and record its checksum, so only the content is wrong."""
+    (step / name).write_bytes(data)
+    record = json.loads((step / "checksums.json").read_text())
+    record["files"][name] = {"size": len(data), "xxh3_128": checkpoint.file_digest(step / name)}
+    (step / "checksums.json").write_text(json.dumps(record))
+
+
+def test_a_verified_file_that_is_not_safetensors_is_one_line(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--config", DEMO, *tiny_overrides(small_data, out, **{"train.max_steps": 1, "train.save_every": 1})]
+    run_cli(args)
+    step = out / "checkpoints" / "step_00000001"
+    kept = {n: (step / n).read_bytes() for n in ("model.safetensors", "optimizer.safetensors",
+                                                   "rng_00000.safetensors", "checksums.json")}
+    for name in ("model.safetensors", "optimizer.safetensors", "rng_00000.safetensors"):
+        _replace_verified(step, name, b"not a safetensors file at all")
+        one_line_error(run_cli(args + ["train.max_steps=2"], check=False), 2,
+                       rf"step_00000001/{name}: (not a readable safetensors file|cannot be loaded into this model)")
+        for n, data in kept.items():
+            (step / n).write_bytes(data)
+    # valid safetensors of the wrong shape: said, not a traceback
+    from safetensors.torch import save
+
+    _replace_verified(step, "model.safetensors", save({"student.lm_head.weight": torch.zeros(2, 2)}))
+    one_line_error(run_cli(args + ["train.max_steps=2"], check=False), 2,
+                   r"model.safetensors: cannot be loaded into this model")
+    # kd.evaluate reads the same checkpoint the same way
+    from kd.tools import evaluate as ev
+
+    _replace_verified(step, "model.safetensors", b"garbage")
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--model", str(out), "--data", small_data["eval"], "--no-generate"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "model.safetensors: cannot be loaded into this model" in err[0]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -209,6 +270,17 @@ def test_config_drift_is_refused_or_applied(small_data, tmp_path):
     import math
 
     assert rows[4]["train/lr"] == pytest.approx(0.03 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 3 / 5))))
+
+
+def test_a_run_grown_past_a_long_warmup_runs_at_the_floor_it_promises():
+    from kd.config import load_config
+    from kd.train import make_optimizer
+
+    cfg = load_config(DEMO, ["optim.warmup_steps=10", "train.max_steps=4"])
+    _, scheduler = make_optimizer(torch.nn.Linear(2, 2), cfg)
+    factor = scheduler.lr_lambdas[0]
+    assert [factor(s) for s in range(4)] == [0.1, 0.2, 0.3, 0.4]  # warming up inside the schedule
+    assert factor(4) == factor(9) == cfg.optim.min_lr_ratio  # grown past it: lr x min_lr_ratio, as said
 
 
 def test_environment_errors_are_one_line(small_data, tmp_path):

@@ -131,12 +131,16 @@ def test_half_written_checkpoint_is_never_latest(small_data, tmp_path):
     (["loss.temprature=2"], "kd: error: unknown config key 'loss.temprature' (command line) (did you mean 'loss.temperature'?)"),
     (["--loss.temperature=abc"], "kd: error: bad value for 'loss.temperature' (command line)"),
     (["teacher.name_or_path=/nonexistent/model"], "kd: error: cannot load tokenizer '/nonexistent/model'"),
+    # the sandbox holds; the violation is the user's template, named with the row it failed on
+    (["data.chat_template='{{ cycler.__init__.__globals__.os }}'"], "kd: error: "),
 ])
 def test_bad_input_fails_in_one_line(args, message, small_data, tmp_path):
     res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run"), *args], check=False)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in res.stderr
+    if "chat_template" in args[0]:
+        assert "row 1: the chat template fails on it (SecurityError: access to attribute '__init__'" in res.stderr
 
 
 def test_bad_data_fails_in_one_line(small_data, tmp_path):

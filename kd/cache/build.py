@@ -12,6 +12,7 @@ import torch
 from kd.cache.store import (MANIFEST, CacheError, _diff, _settings, _teacher_files_sha256, _write_json, _write_shard,
                             read_manifest, shard_name)
 from kd.forward import fp32_logits, head, teacher_forward
+from kd.integrity import digests, problems
 from kd.loss.topk import teacher_topk
 
 # rows of teacher logits materialised at once while building (bounds the [rows, V] fp32 buffer)
@@ -81,7 +82,7 @@ def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_ex
 
     old = read_manifest(out)
     if old is not None:
-        old_settings = {key: v for key, v in old.items() if key not in ("complete", "created", "build")}
+        old_settings = {key: v for key, v in old.items() if key not in ("complete", "created", "build", "files")}
         diff = _diff(old_settings, settings)
         if diff:
             raise CacheError(f"{out} already holds a cache built with other settings ({'; '.join(diff[:4])}); "
@@ -93,6 +94,15 @@ def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_ex
             _write_json(out / MANIFEST, {**settings, "complete": False, "created": _now()})
         for tmp in out.glob(".*.safetensors.*.tmp"):  # left by a killed build; never read, so just drop them
             tmp.unlink(missing_ok=True)
+        recorded = (old or {}).get("files") or {}
+        damaged = {n: problems(out, recorded, [n]) for n in sorted(recorded)}
+        damaged = {n: bad[0] for n, bad in damaged.items() if bad}
+        for name, why in damaged.items():  # rebuilt, like a shard never written
+            say(f"cache {out}: {why}; rebuilding that shard")
+            (out / name).unlink(missing_ok=True)
+        if damaged:
+            _write_json(out / MANIFEST, {**old, "complete": False,
+                                         "files": {n: f for n, f in recorded.items() if n not in damaged}})
     state.wait_for_everyone()
 
     shards = [(name, i) for name in splits for i in range(settings["splits"][name]["shards"])]
@@ -131,7 +141,12 @@ def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_ex
                    if not (out / shard_name(n, i)).exists()]
         if missing:
             raise CacheError(f"{len(missing)} shards missing after the build (first: {missing[0]}); rerun to finish")
-        manifest = {**manifest, "complete": True, "build": {"world_size": world, "finished": _now()}}
+        # checksums of every shard: those verified at the start are kept, the ones written since are hashed
+        recorded = manifest.get("files") or {}
+        names = [shard_name(n, i) for n in splits for i in range(settings["splits"][n]["shards"])]
+        files = {**recorded, **digests(out, [n for n in names if n not in recorded])}
+        manifest = {**manifest, "complete": True, "files": {n: files[n] for n in names},
+                    "build": {"world_size": world, "finished": _now()}}
         _write_json(out / MANIFEST, manifest)
         nbytes = sum((out / shard_name(n, i)).stat().st_size for n in splits
                      for i in range(settings["splits"][n]["shards"]))

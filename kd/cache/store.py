@@ -12,7 +12,9 @@ Directory layout
 ----------------
     manifest.json               teacher identity, tokenizer hash, k, data settings and length
                                 limits, erasure settings, per-split fingerprints; "complete": true
-                                once every shard exists (an incomplete cache is refused)
+                                once every shard exists (an incomplete cache is refused), with
+                                "files": the size and XXH3-128 hash of every shard (kd.integrity),
+                                checked by the ranks together whenever the cache is opened
     train-00000.safetensors     shard i holds examples [i*S, (i+1)*S) of the tokenised split
     eval-00000.safetensors
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from kd.integrity import fsync_dir
+from kd.integrity import fsync_dir, problems, summary
 from kd.errors import KDError
 from kd.loss.topk import CachedTopK
 from kd.models import tokenizer_sha256
@@ -152,6 +154,31 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     _replace_atomic(tmp, path)
 
 
+def shard_names(manifest: dict) -> list[str]:
+    return [shard_name(split, i) for split, info in manifest["splits"].items() for i in range(info["shards"])]
+
+
+def verify_shards(path: Path, manifest: dict) -> str | None:
+    """Collective under a multi-process run (each rank hashes a share). None when every shard
+    matches the manifest's checksums, else what is wrong (one line)."""
+    from accelerate import PartialState
+
+    record = manifest.get("files")
+    if record is None:
+        return "the manifest holds no checksums (built by an older kd)"
+    state = PartialState()
+    names = shard_names(manifest)
+    missing = [f"{n} has no checksum" for n in names if n not in record]
+    mine = [n for n in names if n in record][state.process_index::state.num_processes]
+    found = problems(path, record, mine)
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        found = [b for b in gather_object(found)]
+    found += missing
+    return summary(found) if found else None
+
+
 def read_manifest(path: str | Path) -> dict | None:
     try:
         return json.loads((Path(path) / MANIFEST).read_text())
@@ -214,6 +241,10 @@ class TeacherCache:
             raise CacheError(f"{path}: the cache is incomplete (its build was interrupted); rerun the same "
                              f"kd.cache command to finish it")
         where = f"cache {path}"
+        damage = verify_shards(path, m)
+        if damage:
+            raise CacheError(f"{where} is damaged: {damage}; rerun the same kd.cache command to rebuild what is "
+                             f"damaged")
         if m["tokenizer"]["sha256"] != tokenizer_sha256(tokenizer):
             raise CacheError(f"{where} was built with a different tokenizer ({m['tokenizer']['name_or_path']!r}, "
                              f"{m['tokenizer']['vocab_size']} tokens) than this run's "

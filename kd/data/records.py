@@ -45,6 +45,9 @@ def to_conversation(rec: dict, where: str) -> tuple[str | None, list[dict]]:
         turns = turns[1:] if system is not None else turns
         if not turns or turns[-1]["role"] != "assistant":
             raise DataError(f"{where}: the last message must be an assistant turn")
+        if turns[0]["role"] == "assistant":
+            raise DataError(f"{where}: message {1 + (system is not None)} is an assistant turn before any user "
+                            f"message; a conversation starts with a user message (after an optional system one)")
         if not any(m["role"] == "user" for m in turns):
             raise DataError(f"{where}: the conversation has no user message")
         return system, turns

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from kd.config import DataConfig
 from kd.errors import DataError
-from kd.integrity import digests, file_digest, files_under, fsync_dir, problems, summary, write_failure
+from kd.integrity import digests, files_under, fsync_dir, problems, source_identity, summary, write_failure
 
 STORE_VERSION = 2  # 2: data files fingerprinted by content; complete.json records checksums
 COMPLETE = "complete.json"
@@ -47,23 +47,13 @@ def store_root(cfg: DataConfig) -> Path | None:
     return kd_home() / "tokenised" if cfg.store == "auto" else Path(cfg.store)
 
 
-def _source_identity(name: str) -> list:
-    p = Path(name)
-    if p.is_dir():  # a save_to_disk directory
-        return [str(p.resolve()), [(str(f.relative_to(p)), f.stat().st_size, file_digest(f))
-                                   for f in sorted(p.rglob("*")) if f.is_file()]]
-    if p.is_file():
-        return [str(p.resolve()), p.stat().st_size, file_digest(p)]
-    return [name]
-
-
 def fingerprint(cfg: DataConfig, tokenizer, seed: int) -> str:
     from kd.models import tokenizer_sha256
 
     key = {
         "version": STORE_VERSION,
-        "train_files": [_source_identity(f) for f in cfg.train_files],
-        "eval_files": [_source_identity(f) for f in cfg.eval_files],
+        "train_files": [source_identity(f) for f in cfg.train_files],
+        "eval_files": [source_identity(f) for f in cfg.eval_files],
         "dataset": [cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.eval_split],
         "columns": dict(sorted(cfg.columns.items())),
         "eval_fraction": cfg.eval_fraction, "shuffle": cfg.shuffle, "seed": seed,

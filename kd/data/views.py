@@ -25,6 +25,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
+from kd import templates
 from kd.config import DataConfig
 from kd.data.records import load_records, renamed, scratch_caching, to_conversation, to_messages
 from kd.errors import DataError
@@ -48,8 +49,8 @@ def render_views(
     answer = dict(role="assistant", content=response)
 
     def render(msgs):
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs + [answer], tokenize=False)
+        prompt = templates.render(tokenizer, msgs, where, add_generation_prompt=True)
+        full = templates.render(tokenizer, msgs + [answer], where)
         if not full.startswith(prompt):
             raise DataError(f"{where}: the chat template does not render the prompt as a prefix of the conversation")
         # trailing whitespace after the end-of-turn marker (ChatML's newline) is never generated
@@ -73,8 +74,8 @@ def segments(msgs: list[dict], tokenizer, where: str) -> list[tuple[str, str]]:
     for k, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs[:k + 1], tokenize=False)
+        prompt = templates.render(tokenizer, msgs[:k], where, add_generation_prompt=True)
+        full = templates.render(tokenizer, msgs[:k + 1], where)
         if not prompt.startswith(prev) or not full.startswith(prompt):
             raise DataError(f"{where}: the chat template does not render each turn as a prefix of the next "
                             f"(it rewrites earlier turns); use data.targets=last for such templates")

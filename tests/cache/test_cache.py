@@ -220,3 +220,41 @@ def test_two_ranks_write_their_own_shards_equal_to_one_process(built, small_data
     for name in ("train-00000", "train-00001", "train-00002", "eval-00000"):
         a, b = load_file(path / f"{name}.safetensors"), load_file(ref / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+
+
+def test_a_damaged_cache_is_refused_and_its_rerun_rebuilds_only_the_damage(small_data, tmp_path):
+    path = tmp_path / "c"
+    cfg = sixteen(small_data, path)
+    build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)
+    tok, train, _ = datasets(cfg)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == [f"train-0000{i}.safetensors" for i in range(4)]
+    TeacherCache.open(cfg, tok, train, None)
+    good = {f.name: f.read_bytes() for f in path.glob("*.safetensors")}
+    # finite corruption of one stored logit: the file stays valid safetensors of the same size
+    shard = path / "train-00002.safetensors"
+    tensors = load_file(shard)
+    tensors["logits"][3, 0] += 1.0
+    raw = bytearray(shard.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    from safetensors.torch import save as to_bytes
+
+    changed = to_bytes(tensors, metadata=json.loads(raw[8:header])["__metadata__"])
+    assert len(changed) == len(raw)
+    shard.write_bytes(changed)
+    with pytest.raises(CacheError, match=r"is damaged: train-00002.safetensors does not match its checksum; "
+                                         r"rerun the same kd.cache command"):
+        TeacherCache.open(cfg, tok, train, None)
+    said = []
+    build_cache(cfg, k=K, shard_examples=5, log=said.append)
+    assert any("train-00002.safetensors does not match its checksum; rebuilding that shard" in s for s in said)
+    assert {f.name: f.read_bytes() for f in path.glob("*.safetensors")} == good
+    TeacherCache.open(cfg, tok, train, None)
+    # a manifest from before checksums were recorded: refused until a rerun adds them
+    old = json.loads((path / "manifest.json").read_text())
+    del old["files"]
+    (path / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(CacheError, match="no checksums"):
+        TeacherCache.open(cfg, tok, train, None)
+    build_cache(cfg, k=K, shard_examples=5, log=lambda *a: None)
+    TeacherCache.open(cfg, tok, train, None)

@@ -148,3 +148,11 @@ def test_the_store_is_built_once_and_rebuilt_on_change(tmp_path, monkeypatch):
     build_datasets(DataConfig(train_files=[data], eval_fraction=0.34, targets="last"), tok, 0, log=said.append)
     assert said[2].startswith("tokenised views stored in")
     assert len(list((tmp_path / "home" / "tokenised").iterdir())) == 2
+
+
+def test_a_conversation_that_opens_with_the_assistant_is_one_line(tmp_path):
+    rows = [{"messages": [{"role": "system", "content": "s"}, {"role": "assistant", "content": "Hello!"},
+                          {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}]
+    cfg = DataConfig(train_files=[_write(tmp_path / "d.jsonl", rows)], eval_fraction=0.0, store="off")
+    with pytest.raises(DataError, match=r"d.jsonl row 1: message 2 is an assistant turn before any user message"):
+        build_datasets(cfg, load_tokenizer("builtin:tokenizer"), 0)

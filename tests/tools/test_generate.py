@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from conftest import ACCELERATE, PY, ROOT, free_port
 from kd.tools import generate as gen
 from kd.errors import DataError
+from kd.integrity import source_identity
 from kd.demo.tasks import GENERIC_SYSTEM
 
 EVAL = ROOT / "data/demo/eval.jsonl"
@@ -263,21 +265,34 @@ def test_an_interrupted_run_resumes_without_duplicating_records(tmp_path, capsys
     out.unlink()
     settings = {"model": "builtin:tiny-teacher", "input": str(src), "system": "strategy", "max_new_tokens": 5,
                 "limit": None, "dtype": "auto", "chat_template": None, "temperature": 0.0, "top_p": 1.0,
-                "num_samples": 1, "seed": 0}
+                "num_samples": 1, "seed": 0, "input_content": source_identity(str(src))}
+    shard = tmp_path / ".out.jsonl.shard-0-of-1.jsonl"
     (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps(settings))
-    (tmp_path / ".out.jsonl.shard-0-of-1.jsonl").write_text(
-        json.dumps({"index": 3, "texts": ["kept"]}) + "\n" + json.dumps({"index": 0, "texts": ["kept too"]}) + "\n"
-        + '{"index": 1, "te')
+    damaged = gen._shard_line(2, ["damaged"]).replace("damaged", "tampered")  # fails its checksum
+    shard.write_text(gen._shard_line(3, ["kept"]) + damaged + gen._shard_line(0, ["kept too"]) + '{"index": 1, "te')
     capsys.readouterr()
     gen.main(args)
-    assert "5 records, 2 already done by an interrupted run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "1 line(s) of the shard files fail their checksum" in err
+    assert "5 records, 2 already done by an interrupted run" in err
     got = read_jsonl(out)
     assert len(got) == 5 and [g["response"] for g in got] == [
         "kept too", full[1]["response"], full[2]["response"], "kept", full[4]["response"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
     # other settings: the leftovers are not mixed in
-    (tmp_path / ".out.jsonl.shard-0-of-1.jsonl").write_text(json.dumps({"index": 3, "texts": ["stale"]}) + "\n")
+    shard.write_text(gen._shard_line(3, ["stale"]))
     (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps({**settings, "max_new_tokens": 9}))
     gen.main(args)
     assert "starting afresh" in capsys.readouterr().err
     assert read_jsonl(out) == full
+    # the same path with other prompts (a same-size edit, its mtime put back): not the old answers
+    shard.write_text(gen._shard_line(3, ["stale"]))
+    (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps(settings))
+    st = src.stat()
+    edited = recs[:3] + [{**recs[3], "prompt": recs[3]["prompt"][::-1]}] + recs[4:]
+    src.write_text("".join(json.dumps(r) + "\n" for r in edited))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size == st.st_size
+    gen.main(args)
+    assert "other settings (input_content)" in capsys.readouterr().err
+    assert read_jsonl(out)[3]["response"] != "stale"
