@@ -204,7 +204,8 @@ def test_every_record_format_gives_the_conversation_to_answer_and_takes_the_answ
     assert gen.with_response(share, "x") == {"conversations": [{"from": "human", "value": "Hi?"},
                                                                {"from": "gpt", "value": "x"}], "id": 7}
     assert gen.with_response({"prompt": "Hi?"}, "x") == {"prompt": "Hi?", "response": "x"}
-    assert gen._promptable({"messages": [{"role": "assistant", "content": "a"}]}) == "the conversation has no user message"
+    assert gen._promptable({"messages": [{"role": "assistant", "content": "a"}]}).startswith(
+        "message 1 is an assistant turn before any user message")
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(teacher):
