@@ -1,8 +1,11 @@
 """Chat templates for tokenizers that ship none (base models such as Llama-2-*-hf).
 
-`data.chat_template` may name one of these, give a Jinja string, or be left unset to use the
-tokenizer's own template.
+`data.chat_template` may name one of these, give a Jinja string or the path of a .jinja file
+(e.g. one of trl's `chat_templates/*_training.jinja`), or be left unset to use the tokenizer's
+own template.
 """
+
+import os
 
 from kd.errors import DataError
 
@@ -29,10 +32,22 @@ BUILTIN = {"chatml": CHATML, "llama2": LLAMA2}
 
 
 def resolve(template: str | None) -> str | None:
-    """A builtin name or a Jinja string -> Jinja string (None stays None)."""
+    """A builtin name, a .jinja file or a Jinja string -> Jinja string (None stays None)."""
     if template is None:
         return None
-    return BUILTIN.get(template, template)
+    if template in BUILTIN:
+        return BUILTIN[template]
+    # A Jinja string always holds "{%" or "{{"; anything else that looks like a path is one.
+    if "{" not in template and (template.endswith((".jinja", ".j2")) or os.sep in template):
+        if not os.path.isfile(template):
+            raise DataError(f"no such file: {template} (data.chat_template; a builtin name "
+                            f"({', '.join(BUILTIN)}), a Jinja string or a .jinja file)")
+        try:
+            with open(template, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"cannot read {template} (data.chat_template): {e}") from None
+    return template
 
 
 def render(tokenizer, messages: list[dict], where: str, add_generation_prompt: bool = False) -> str:

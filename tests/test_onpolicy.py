@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import ACCELERATE, ROOT, free_port, run_cli, tiny_overrides
 from kd.config import ConfigError, load_config
-from kd.data.views import conversation_views
+from kd.data.views import conversation_rows
 from kd.models import load_model, load_tokenizer
 from kd.onpolicy import OnPolicy, is_onpolicy
 
@@ -41,8 +41,8 @@ def test_generated_ids_are_the_target_of_both_views():
     chat = {"messages": [{"role": "system", "content": recs[0]["system"]},
                          {"role": "user", "content": recs[0]["prompt"]}, {"role": "assistant", "content": "first"},
                          {"role": "user", "content": recs[1]["prompt"]}, {"role": "assistant", "content": "second"}]}
-    rows = [conversation_views(r, tok, erase=True, generic_system="You are a helpful assistant.",
-                               targets="all_assistant", max_length=200, min_prompt=8)[0] for r in [*recs, chat]]
+    rows = [conversation_rows(r, tok, erase=True, generic_system="You are a helpful assistant.",
+                              targets="all_assistant", max_length=200, min_prompt=8)[0][0] for r in [*recs, chat]]
     op = OnPolicy(cfg, tok)
     batch, stats = op.batch(student, rows, step=0, micro=0, rank=0)
     assert stats.sequences == 4 and 4 <= stats.tokens <= 24 and stats.longest <= 6

@@ -10,10 +10,10 @@ batches.py  collate (padded, or packed into one row per view), the resumable (le
 from kd.data.batches import (MicroBatchSampler, collate, collate_packed, eval_batches, example_lengths,
                              real_tokens, tokens_in, train_loader)
 from kd.data.records import load_records
-from kd.data.views import (DataStats, build_datasets, conversation_views, erase_coin, example_from_views,
+from kd.data.views import (DataStats, build_datasets, conversation_rows, erase_coin, example_from_views,
                            fit_length, render_views, tokenize_dataset)
 
 __all__ = ["DataStats", "MicroBatchSampler", "build_datasets", "collate", "collate_packed", "example_lengths",
-           "real_tokens", "tokens_in", "conversation_views", "erase_coin",
+           "real_tokens", "tokens_in", "conversation_rows", "erase_coin",
            "eval_batches", "example_from_views", "fit_length", "load_records", "render_views", "tokenize_dataset",
            "train_loader"]

@@ -76,16 +76,16 @@ def token_stats(model, tok, records: list[dict], system_mode: str, batch_size: i
     import torch
 
     from kd.data import collate
-    from kd.data.views import conversation_views
+    from kd.data.views import conversation_rows
     from kd.forward import fp32_logits, head, response_hidden
     from kd.tools.generate import GENERIC_SYSTEM
 
     out = {"entropy": [], "top1_prob": [], "correct": [], "choice": []}
     rows, flags = [], []
     for i, r in enumerate(records):
-        row, _ = conversation_views(r, tok, erase=system_mode != "strategy",
-                                    generic_system=GENERIC_SYSTEM if system_mode == "generic" else None,
-                                    targets="last", max_length=1 << 20, min_prompt=8, where=f"record {i}")
+        (row,), _ = conversation_rows(r, tok, erase=system_mode != "strategy",
+                                      generic_system=GENERIC_SYSTEM if system_mode == "generic" else None,
+                                      targets="last", max_length=1 << 20, min_prompt=8, where=f"record {i}")
         target = row["student_ids"][row["student_starts"][-1]:]
         starts = _choice_starts(r["response"])
         # token k covers the characters [ends[k], ends[k + 1]) of the response: a choice token

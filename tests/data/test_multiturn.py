@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from kd.config import DataConfig
-from kd.data import build_datasets, collate, conversation_views, render_views
+from kd.data import build_datasets, collate, conversation_rows, render_views
 from kd.errors import DataError
 from kd.models import load_tokenizer
 
@@ -49,9 +49,9 @@ def test_every_assistant_turn_is_a_target_with_identical_ids_in_both_views(templ
                                                                             llama_tokenizer_dir):
     make, marker = TEMPLATES[template]
     tok = make(llama_tokenizer_dir)
-    row, how = conversation_views({"messages": CONV}, tok, erase=True, generic_system=generic,
+    (row,), how = conversation_rows({"messages": CONV}, tok, erase=True, generic_system=generic,
                                   targets="all_assistant", max_length=4096, min_prompt=8)
-    assert how == {"truncated": False, "turns_dropped": 0} and len(row["target_lens"]) == 3
+    assert how == {"truncated": False, "turns_dropped": 0, "per_turn": False} and len(row["target_lens"]) == 3
     assert SYSTEM in tok.decode(row["teacher_ids"]) and SYSTEM not in tok.decode(row["student_ids"])
     for (_, answer), ts, ss, n in zip(TURNS, row["teacher_starts"], row["student_starts"], row["target_lens"]):
         span = row["teacher_ids"][ts:ts + n]
@@ -64,7 +64,7 @@ def test_every_assistant_turn_is_a_target_with_identical_ids_in_both_views(templ
     for view in ("teacher", "student"):  # position index[i] predicts labels[i], in both views
         flat = b[f"{view}_input_ids"].flatten()
         assert flat[b[f"{view}_index"] + 1].tolist() == b["labels"].tolist()
-    last, _ = conversation_views({"messages": CONV}, tok, erase=True, generic_system=generic, targets="last",
+    (last,), _ = conversation_rows({"messages": CONV}, tok, erase=True, generic_system=generic, targets="last",
                                  max_length=4096, min_prompt=8)
     t, s, r = render_views({"messages": CONV}, tok, erase=True, generic_system=generic)
     assert last["teacher_ids"] == t + r and last["student_ids"] == s + r and last["target_lens"] == [len(r)]
@@ -72,15 +72,15 @@ def test_every_assistant_turn_is_a_target_with_identical_ids_in_both_views(templ
 
 def test_long_conversations_drop_oldest_exchanges_first_then_cut_from_the_left():
     tok = load_tokenizer("builtin:tokenizer")
-    full, _ = conversation_views({"messages": CONV}, tok, erase=True, generic_system=None, targets="all_assistant",
+    (full,), _ = conversation_rows({"messages": CONV}, tok, erase=True, generic_system=None, targets="all_assistant",
                                  max_length=4096, min_prompt=8)
     size = len(full["teacher_ids"])
-    row, how = conversation_views({"messages": CONV}, tok, erase=True, generic_system=None,
+    (row,), how = conversation_rows({"messages": CONV}, tok, erase=True, generic_system=None,
                                   targets="all_assistant", max_length=size - 5, min_prompt=8)
-    assert how == {"truncated": True, "turns_dropped": 1} and len(row["target_lens"]) == 2
+    assert how == {"truncated": True, "turns_dropped": 1, "per_turn": False} and len(row["target_lens"]) == 2
     assert row["target_lens"] == full["target_lens"][1:]  # the newest two turns, whole
     assert SYSTEM in tok.decode(row["teacher_ids"])  # the instruction survives
-    row, how = conversation_views({"messages": CONV}, tok, erase=True, generic_system=None,
+    (row,), how = conversation_rows({"messages": CONV}, tok, erase=True, generic_system=None,
                                   targets="all_assistant", max_length=30, min_prompt=8)
     assert how["turns_dropped"] == 2 and len(row["target_lens"]) == 1 and len(row["teacher_ids"]) == 30
 
@@ -98,7 +98,7 @@ def test_sharegpt_and_save_to_disk_records(tmp_path):
     share = [{"conversations": [{"from": role[m["role"]], "value": m["content"]} for m in CONV]}] * 4
     cfg = DataConfig(train_files=[_write(tmp_path / "share.jsonl", share)], eval_fraction=0.0, store="off")
     train, _, stats, _ = build_datasets(cfg, tok, 0)
-    ref, _ = conversation_views({"messages": CONV}, tok, erase=True, generic_system=None, targets="all_assistant",
+    (ref,), _ = conversation_rows({"messages": CONV}, tok, erase=True, generic_system=None, targets="all_assistant",
                                 max_length=1024, min_prompt=8)
     assert stats.examples == 4 and train[0]["student_ids"] == ref["student_ids"]
     assert stats.target_tokens == 4 * ref["n_response"]

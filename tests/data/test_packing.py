@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from kd.data import MicroBatchSampler, collate, collate_packed, conversation_views
+from kd.data import MicroBatchSampler, collate, collate_packed, conversation_rows
 from kd.forward import Distiller, head, isolates_packed_sequences, teacher_forward
 from kd.loss import LossSpec
 from kd.models import load_tokenizer, resolve
@@ -21,7 +21,7 @@ def examples(tok):
     out = []
     for i, n in enumerate((1, 3, 2, 5)):  # different lengths, one or two trained turns
         msgs = [dict(m, content=m["content"] + " x" * n * (j + 1)) for j, m in enumerate(CONV)]
-        row, _ = conversation_views({"messages": msgs if i % 2 else msgs[:3]}, tok, erase=True, generic_system=None,
+        (row,), _ = conversation_rows({"messages": msgs if i % 2 else msgs[:3]}, tok, erase=True, generic_system=None,
                                     targets="all_assistant", max_length=512, min_prompt=8)
         out.append(dict(row, example_id=i))
     return out
