@@ -29,6 +29,8 @@ class TeacherConfig:
     """Weights dtype: auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16."""
     attn_implementation: Optional[str] = None
     """Passed to from_pretrained (e.g. sdpa, flash_attention_2); None lets transformers choose."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub id for the teacher's view; None = the teacher's own."""
     zero3: bool = True
     """Under DeepSpeed, shard the teacher with ZeRO-3 for inference (partitioned across ranks,
     whatever stage the student uses). False replicates the whole teacher on every GPU."""
@@ -80,6 +82,10 @@ class LoraConfig:
 class StudentConfig:
     name_or_path: str = MISSING
     """Hub id, local directory, or `builtin:<name>`. The student's tokenizer is the one used."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or hub id for the data (the student's view); None = the student's own.
+    Set it when the two models share a vocabulary but their tokenizer classes differ (e.g. one
+    adds a special token)."""
     dtype: str = "auto"
     """Weights dtype, as for the teacher. Trainable weights stay fp32 under mixed precision."""
     attn_implementation: Optional[str] = None
@@ -133,8 +139,9 @@ class DataConfig:
     """Replacement system message for the student when the instruction is erased; None drops the
     system message entirely."""
     chat_template: Optional[str] = None
-    """chatml, llama2, or a Jinja template; None uses the tokenizer's own (required for base
-    models whose tokenizer has none)."""
+    """chatml, llama2, a Jinja template or the path of a .jinja file (e.g. trl's
+    chat_templates/*_training.jinja); None uses the tokenizer's own (required for base models
+    whose tokenizer has none)."""
     shuffle: bool = True
     """Shuffle training examples each epoch (seeded by train.seed and the epoch)."""
     packing: bool = False
@@ -158,6 +165,8 @@ class DataConfig:
         _choice("data.targets", self.targets, ("all_assistant", "last"))
         if self.store is False or str(self.store).lower() in ("off", "false", "none", "no", ""):
             self.store = "off"  # YAML reads a bare `off` as false
+        _check("data.num_proc", self.num_proc is None or self.num_proc >= 1, ">= 1 (or null)")
+        _check("data.min_prompt_tokens", self.min_prompt_tokens >= 0, ">= 0")
 
     @property
     def erase_probability(self) -> float:
@@ -206,6 +215,7 @@ class LossConfig:
             raise ConfigError("loss.temperature must be > 0")
         _choice("loss.divergence", self.divergence, DIVERGENCES)
         _choice("loss.implementation", self.implementation, ("dense", "chunked"))
+        _check("loss.chunk_size", self.chunk_size >= 1, ">= 1")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError("loss.beta must be in [0, 1]")
         if not 0.0 <= self.skew < 1.0:
@@ -267,6 +277,15 @@ class OptimConfig:
 
     def __post_init__(self):
         _choice("optim.implementation", self.implementation, ("auto", "fused", "foreach", "for_loop"))
+        # refused here, before any model loads, with the key (torch would say it much later, without)
+        _check("optim.lr", self.lr > 0, "> 0")
+        _check("optim.weight_decay", self.weight_decay >= 0, ">= 0")
+        _check("optim.beta1", 0 <= self.beta1 < 1, "in [0, 1)")
+        _check("optim.beta2", 0 <= self.beta2 < 1, "in [0, 1)")
+        _check("optim.eps", self.eps > 0, "> 0")
+        _check("optim.warmup_steps", self.warmup_steps >= 0, ">= 0")
+        _check("optim.min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")
+        _check("optim.max_grad_norm", self.max_grad_norm >= 0, ">= 0 (0 disables clipping)")
 
 
 @dataclass
@@ -333,6 +352,8 @@ class TrainConfig:
         for k in ("max_steps", "micro_batch_size", "grad_accum_steps"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 raise ConfigError(f"train.{k} must be >= 1")
+        for k in ("eval_every", "eval_max_batches", "save_every", "keep_checkpoints"):
+            _check(f"train.{k}", getattr(self, k) >= 0, ">= 0")
 
 
 @dataclass
@@ -358,6 +379,7 @@ class LogConfig:
 
     def __post_init__(self):
         _choice("log.tracker", self.tracker, ("wandb", "none"))
+        _check("log.log_every", self.log_every >= 1, ">= 1")
         if self.samples < 0 or self.sample_max_new_tokens < 1:
             raise ConfigError("log.samples must be >= 0 and log.sample_max_new_tokens >= 1")
 
@@ -379,6 +401,11 @@ class Config:
                               "outputs on the dataset's responses only, not on the student's own answers")
         if self.train.export == "adapter" and not self.student.lora.enabled:
             raise ConfigError("train.export=adapter needs a LoRA student (student.lora.rank > 0); use full or off")
+
+
+def _check(key: str, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}")
 
 
 def _choice(key: str, value: str, allowed) -> None:
@@ -423,6 +450,11 @@ def added_at_default(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in new.keys() - old.keys() if k in defaults and repr(new[k]) == defaults[k])
 
 
+def _list_keys() -> list[str]:
+    return [key for key, cls, name in _leaves()
+            if str(next(f.type for f in fields(cls) if f.name == name)).startswith("list")]
+
+
 def all_keys() -> list[str]:
     """Every dotted key of the config schema, e.g. ['teacher.name_or_path', ..., 'student.lora.rank']."""
     return [key for key, _, _ in _leaves()]
@@ -445,6 +477,9 @@ def _normalise_override(arg: str) -> str:
     return a
 
 
+_ABSENT = object()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """YAML file (optional) + dotted overrides -> validated `Config`."""
     schema = OmegaConf.structured(Config)
@@ -464,10 +499,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
     for layer, where in layers:
+        for key in _list_keys():  # one path where a list is expected: a list of one; null: none
+            value = OmegaConf.select(layer, key, default=_ABSENT, throw_on_missing=False)
+            if isinstance(value, str) or value is None:
+                OmegaConf.update(layer, key, [] if value is None else [value], merge=False)
         try:
             schema = OmegaConf.merge(schema, layer)
         except OmegaConfBaseException as e:
             raise ConfigError(_explain(e, where)) from None
+    if overrides:  # the run length chosen on the command line wins over the file's other one
+        given = {k for k in ("train.max_steps", "train.epochs")
+                 if OmegaConf.select(layers[-1][0], k, default=None) is not None}
+        if len(given) == 1:
+            other = ({"train.max_steps", "train.epochs"} - given).pop()
+            OmegaConf.update(schema, other, None, merge=False)
     missing = sorted(OmegaConf.missing_keys(schema))
     if missing:
         raise ConfigError(f"missing required config key '{missing[0]}'")

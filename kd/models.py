@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,6 +49,22 @@ def resolve(name_or_path: str) -> str:
         raise ModelError(str(e)) from None
 
 
+def existing(name_or_path: str, key: str | None = None) -> str:
+    """resolve(name_or_path), refusing in one line a local path that is not there (transformers
+    would take it for a malformed hub id). A name with one slash and no leading ./ or / is a hub id."""
+    path = resolve(name_or_path)
+    local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    if local and not Path(path).expanduser().exists():
+        raise ModelError(f"no such directory: {path}" + (f" ({key})" if key else ""))
+    return str(Path(path).expanduser()) if local else path
+
+
+def tokenizer_source(cfg: Config, role: str) -> str:
+    """Where the teacher's or student's tokenizer comes from: <role>.tokenizer, else its model."""
+    part = getattr(cfg, role)
+    return part.tokenizer or part.name_or_path
+
+
 def tokenizer_sha256(tokenizer) -> str:
     """Hash of the vocabulary and special tokens: two tokenizers with equal hashes map ids alike."""
     h = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
@@ -55,8 +72,8 @@ def tokenizer_sha256(tokenizer) -> str:
     return h.hexdigest()
 
 
-def load_tokenizer(name_or_path: str, chat_template: str | None = None):
-    path = resolve(name_or_path)
+def load_tokenizer(name_or_path: str, chat_template: str | None = None, key: str | None = None):
+    path = existing(name_or_path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -69,21 +86,30 @@ def load_tokenizer(name_or_path: str, chat_template: str | None = None):
 
 
 def check_same_tokenizer(student_tok, teacher_tok, student_name: str, teacher_name: str) -> None:
-    """Logit-level KD compares distributions entry by entry: the vocabularies must be identical."""
+    """Logit-level KD compares distributions entry by entry: the vocabularies must be identical.
+    The refusal names the tokens that differ (often one special token a tokenizer class adds)."""
     sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
     if sv != tv:
-        only_s = len(sv.keys() - tv.keys())
-        only_t = len(tv.keys() - sv.keys())
-        moved = sum(1 for k in sv.keys() & tv.keys() if sv[k] != tv[k])
+        only_s, only_t = sorted(sv.keys() - tv.keys(), key=sv.get), sorted(tv.keys() - sv.keys(), key=tv.get)
+        moved = sorted((k for k in sv.keys() & tv.keys() if sv[k] != tv[k]), key=sv.get)
+
+        def some(tokens, ids=None):
+            shown = ", ".join(repr(t) + (f" ({ids[t]})" if ids else "") for t in tokens[:3])
+            return shown + (f" and {len(tokens) - 3} more" if len(tokens) > 3 else "")
+
+        parts = [f"{len(tv)} vs {len(sv)} entries"]
+        parts += [f"only in the teacher: {some(only_t, tv)}"] if only_t else []
+        parts += [f"only in the student: {some(only_s, sv)}"] if only_s else []
+        parts += [f"{len(moved)} with other ids, e.g. {some(moved)}"] if moved else []
         raise ModelError(
-            f"teacher {teacher_name!r} and student {student_name!r} use different tokenizers "
-            f"({len(tv)} vs {len(sv)} entries, {only_t} only in teacher, {only_s} only in student, "
-            f"{moved} with different ids); logit distillation needs one vocabulary"
+            f"teacher {teacher_name!r} and student {student_name!r} use different tokenizers ({'; '.join(parts)}); "
+            f"logit distillation needs one vocabulary: if the models share it, choose one tokenizer for both "
+            f"with student.tokenizer=<dir> or teacher.tokenizer=<dir>"
         )
 
 
 def load_model(name_or_path: str, dtype: torch.dtype, attn_implementation: str | None, role: str):
-    path = resolve(name_or_path)
+    path = existing(name_or_path, f"{role}.name_or_path" if role in ("teacher", "student") else None)
     kwargs = dict(dtype=dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -103,15 +129,17 @@ def check_vocab(model, vocab_size: int, role: str) -> None:
 def load_tokenizers(cfg: Config, check_teacher: bool = True):
     """The student's tokenizer (the one used for data), after checking the teacher uses the same
     (check_teacher=False when training from a teacher cache: its manifest carries that check)."""
-    tok = load_tokenizer(cfg.student.name_or_path, cfg.data.chat_template)
+    tok = load_tokenizer(tokenizer_source(cfg, "student"), cfg.data.chat_template,
+                         "student.tokenizer" if cfg.student.tokenizer else "student.name_or_path")
     if tok.chat_template is None:
         raise ModelError(
             f"tokenizer of {cfg.student.name_or_path!r} has no chat template; set data.chat_template "
             f"to {' or '.join(templates.BUILTIN)} or a Jinja template"
         )
     if check_teacher:
-        t_tok = load_tokenizer(cfg.teacher.name_or_path, cfg.data.chat_template)
-        check_same_tokenizer(tok, t_tok, cfg.student.name_or_path, cfg.teacher.name_or_path)
+        t_tok = load_tokenizer(tokenizer_source(cfg, "teacher"), cfg.data.chat_template,
+                               "teacher.tokenizer" if cfg.teacher.tokenizer else "teacher.name_or_path")
+        check_same_tokenizer(tok, t_tok, tokenizer_source(cfg, "student"), tokenizer_source(cfg, "teacher"))
     return tok
 
 

@@ -37,6 +37,11 @@ def test_user_contract_keys_exist():
     ("data.erase_strategy=sometimes", "data.erase_strategy must be on, off or a probability"),
     ("loss.alpha=1.5", "loss.alpha must be in [0, 1]"),
     ("nonsense", "must look like key=value"),
+    ("optim.lr=-1", "optim.lr must be > 0"),
+    ("optim.warmup_steps=-5", "optim.warmup_steps must be >= 0"),
+    ("optim.betas=[0.9,1.5]", "optim.betas"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"),
+    ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
 ])
 def test_errors_are_one_line_and_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -96,3 +101,18 @@ def test_keys_a_checkpoint_predates_are_no_change_at_their_default():
     assert trajectory_changes(old, new) == [] and "onpolicy.fraction" in added_at_default(old, new)
     changed = flat_dict(load_config("configs/demo.yaml", ["onpolicy.fraction=0.5"]))
     assert trajectory_changes(old, changed) == [("onpolicy.fraction", None, 0.5)]
+
+
+def test_one_path_for_a_list_key_is_a_list_of_one_and_null_is_none():
+    cfg = load_config(DEMO, ["data.train_files=data/train.jsonl", "data.eval_files=null"])
+    assert cfg.data.train_files == ["data/train.jsonl"] and cfg.data.eval_files == []
+
+
+def test_the_run_length_given_on_the_command_line_wins_over_the_files_other_one():
+    assert load_config(DEMO).train.max_steps is not None  # the shipped config sets max_steps
+    cfg = load_config(DEMO, ["train.epochs=1"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (1, None)
+    cfg = load_config(DEMO, ["train.max_steps=5"])
+    assert (cfg.train.epochs, cfg.train.max_steps) == (None, 5)
+    with pytest.raises(ConfigError, match="set exactly one of train.max_steps and train.epochs"):
+        load_config(DEMO, ["train.epochs=1", "train.max_steps=5"])

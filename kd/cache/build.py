@@ -49,7 +49,7 @@ def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_ex
     from accelerate import PartialState
 
     from kd.data import build_datasets
-    from kd.models import check_same_tokenizer, check_vocab, load_model, load_tokenizer, resolve, resolve_dtype
+    from kd.models import check_vocab, load_model, load_tokenizers, resolve, resolve_dtype
 
     if not cfg.teacher.cache:
         raise CacheError("set teacher.cache=<directory> (or --out) to say where the cache goes")
@@ -60,9 +60,7 @@ def build_cache(cfg, *, k: int, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_ex
     rank, world = state.process_index, state.num_processes
     say = log if state.is_main_process else (lambda *a: None)
 
-    tok = load_tokenizer(cfg.student.name_or_path, cfg.data.chat_template)
-    check_same_tokenizer(tok, load_tokenizer(cfg.teacher.name_or_path, cfg.data.chat_template),
-                         cfg.student.name_or_path, cfg.teacher.name_or_path)
+    tok = load_tokenizers(cfg)  # the student's (data) tokenizer, checked against the teacher's
     vocab = len(tok)
     if not 1 <= k <= vocab:
         raise CacheError(f"--k must be in [1, {vocab}] (the vocabulary size), got {k}")

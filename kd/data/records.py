@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 from pathlib import Path
 
 from kd.errors import DataError
@@ -80,13 +82,44 @@ def to_messages(rec: dict, where: str) -> tuple[str | None, list[dict], str]:
     return system, turns[:-1], turns[-1]["content"]
 
 
+def expand_files(files: list[str]) -> list[str]:
+    """data.*_files entries as the files (or save_to_disk directories) they stand for, as datasets'
+    `data_files` allows: a glob is its sorted matches, a directory of data files its .jsonl, .json
+    and .parquet files (recursively, sorted, hidden ones skipped); anything else is kept as given."""
+    out: list[str] = []
+    for f in files:
+        if any(c in f for c in "*?["):
+            matches = sorted(glob.glob(f, recursive=True))
+            if not matches:
+                raise DataError(f"no data file matches {f}")
+        else:
+            matches = [f]
+        for m in matches:
+            path = Path(m)
+            if not path.is_dir() or saved_dataset(path):
+                out.append(m)
+                continue
+            found = sorted(str(p) for p in path.rglob("*") if p.suffix in _BUILDERS and p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            if not found:
+                raise DataError(f"{m}: a directory with no data files (.jsonl, .json, .parquet) that is not a "
+                                f"dataset saved with save_to_disk either")
+            out.extend(found)
+    return out
+
+
+def saved_dataset(path: Path) -> bool:
+    """A directory `save_to_disk` wrote (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
 def load_records(files: list[str] | None = None, dataset: str | None = None, config_name=None, split="train"):
     """Local files (each tagged with its name for error messages) or a `datasets` name."""
     import datasets
 
     if files:
         parts = []
-        for f in files:
+        for f in expand_files(files):
             path = Path(f)
             if path.is_dir():
                 parts.append(_from_disk(path, split))
@@ -96,12 +129,14 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
             builder = _BUILDERS.get(path.suffix)
             if builder is None:
                 raise DataError(f"{f}: unsupported file type (use .jsonl, .json or .parquet)")
-            if path.suffix != ".parquet" and not _has_content(path):
-                raise DataError(f"{f}: no records (the file is empty)")
+            if path.suffix != ".parquet" and (problem := text_problem(path)):
+                raise DataError(problem)
             try:
                 # datasets' own cache keys local files on path and mtime, and would serve the old rows
                 # of an edit whose mtime was put back: parse into a fresh scratch directory instead
-                ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=_scratch_dir())
+                with _quiet("datasets.packaged_modules.json.json"):  # its error line counts rows its own way
+                    ds = datasets.load_dataset(builder, data_files=str(path), split="train",
+                                               cache_dir=_scratch_dir())
             except Exception as e:
                 raise DataError(_diagnose(path, e)) from None
             if len(ds) == 0:
@@ -111,6 +146,8 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
             parts.append(ds)
         return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     if dataset:
+        if Path(dataset).is_dir() and saved_dataset(Path(dataset)):  # the path the user has: load it
+            return _from_disk(Path(dataset), split)
         try:
             ds = datasets.load_dataset(dataset, config_name, split=split)
         except Exception as e:
@@ -118,6 +155,42 @@ def load_records(files: list[str] | None = None, dataset: str | None = None, con
         n = len(ds)
         return ds.add_column("_source", [f"{dataset}[{split}]"] * n).add_column("_row", list(range(n)))
     raise DataError("no training data: set data.train_files or data.dataset")
+
+
+def text_problem(path: Path) -> str | None:
+    """None for a UTF-8 text file with content, else the one line that says what is wrong. Read in
+    blocks cut at newlines (a newline byte is never inside a multi-byte character), so the check
+    runs at the speed of bytes.decode."""
+    line, content, rest = 1, False, b""
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(1 << 20)
+            chunk = rest + block
+            cut = chunk.rfind(b"\n") + 1 if block else len(chunk)
+            chunk, rest = chunk[:cut], chunk[cut:]
+            try:
+                chunk.decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = line + chunk.count(b"\n", 0, e.start)
+                column = e.start - (chunk.rfind(b"\n", 0, e.start) + 1) + 1
+                return (f"{path}:{at}: not UTF-8 (byte 0x{chunk[e.start]:02x} at column {column}); save the file as "
+                        f"UTF-8, e.g. iconv -f latin1 -t utf-8")
+            content = content or bool(chunk.strip())
+            line += chunk.count(b"\n")
+            if not block:
+                break
+    return None if content else f"{path}: no records (the file is empty)"
+
+
+@contextlib.contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    was = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(was)
 
 
 def _scratch_dir() -> str:
@@ -183,15 +256,6 @@ def _diagnose(path: Path, exc: Exception) -> str:
                     return f"{path}:{i}: each line must be a JSON object"
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"{path}: cannot read records ({first[:200]})"
-
-
-def _has_content(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 16):
-            if block.strip():
-                return True
-    return False
-
 
 
 def renamed(records, columns: dict[str, str]):

@@ -30,9 +30,10 @@ from pathlib import Path
 
 from kd.config import DataConfig
 from kd.errors import DataError
+from kd.data.records import expand_files
 from kd.integrity import digests, files_under, fsync_dir, problems, source_identity, summary, write_failure
 
-STORE_VERSION = 2  # 2: data files fingerprinted by content; complete.json records checksums
+STORE_VERSION = 3  # 2: data files fingerprinted by content; complete.json records checksums; 3: per-turn rows, erased counts
 COMPLETE = "complete.json"
 
 
@@ -52,9 +53,9 @@ def fingerprint(cfg: DataConfig, tokenizer, seed: int) -> str:
 
     key = {
         "version": STORE_VERSION,
-        "train_files": [source_identity(f) for f in cfg.train_files],
-        "eval_files": [source_identity(f) for f in cfg.eval_files],
-        "dataset": [cfg.dataset, cfg.dataset_config, cfg.train_split, cfg.eval_split],
+        "train_files": [source_identity(f) for f in expand_files(cfg.train_files)],
+        "eval_files": [source_identity(f) for f in expand_files(cfg.eval_files)],
+        "dataset": [cfg.dataset and source_identity(cfg.dataset), cfg.dataset_config, cfg.train_split, cfg.eval_split],
         "columns": dict(sorted(cfg.columns.items())),
         "eval_fraction": cfg.eval_fraction, "shuffle": cfg.shuffle, "seed": seed,
         "tokenizer": tokenizer_sha256(tokenizer), "chat_template": tokenizer.chat_template,

@@ -181,3 +181,63 @@ def test_columns_are_renamed_onto_the_schema(tmp_path, chatml_tok):
     assert stats.examples == 2 and train[0]["teacher_ids"][: train[0]["teacher_starts"][0]] == _views(chatml_tok)[0]
     with pytest.raises(DataError, match="data.columns: no column 'nope'"):
         build_datasets(DataConfig(train_files=cfg.train_files, columns={"prompt": "nope"}), chatml_tok, seed=0)
+
+
+def test_globs_and_directories_of_data_files_are_read_in_sorted_order(tmp_path):
+    d = tmp_path / "data"
+    (d / "sub").mkdir(parents=True)
+    (d / ".hidden").mkdir()
+    for path, n in ((d / "b.jsonl", 2), (d / "a.jsonl", 1), (d / "sub" / "c.jsonl", 3), (d / ".hidden" / "x.jsonl", 5)):
+        path.write_text("".join(json.dumps(dict(REC, prompt=f"{path.stem}{i}")) + "\n" for i in range(n)))
+    (d / "notes.txt").write_text("not data\n")
+    want = ["a0", "b0", "b1", "c0", "c1", "c2"]
+    assert load_records([str(d)])["prompt"] == want  # recursive, hidden skipped, other suffixes ignored
+    assert load_records([str(d / "*.jsonl")])["prompt"] == want[:3]
+    assert load_records([str(d / "**" / "*.jsonl")])["prompt"] == want
+    with pytest.raises(DataError, match=r"no data file matches .*\*\.parquet"):
+        load_records([str(d / "*.parquet")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: a directory with no data files"):
+        load_records([str(tmp_path / "empty")])
+
+
+def test_a_save_to_disk_directory_is_data_dataset_or_a_data_file(tmp_path, chatml_tok):
+    import datasets
+
+    rows = [dict(REC, prompt=f"q{i}") for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict(train=datasets.Dataset.from_list(rows[:4]),
+                         test=datasets.Dataset.from_list(rows[4:])).save_to_disk(str(tmp_path / "dict"))
+    assert load_records(None, str(tmp_path / "saved"))["prompt"] == [r["prompt"] for r in rows]
+    assert load_records(None, str(tmp_path / "dict"), split="test")["prompt"] == ["q4", "q5"]
+    assert load_records([str(tmp_path / "dict")], split="train")["_source"][0] == f"{tmp_path / 'dict'}[train]"
+    cfg = DataConfig(dataset=str(tmp_path / "dict"), eval_split="test", eval_fraction=0.0)
+    train, evald, stats, eval_stats = build_datasets(cfg, chatml_tok, seed=0)
+    assert (stats.examples, eval_stats.examples) == (4, 2)
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_column(tmp_path):
+    good = json.dumps(REC) + "\n"
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((good * 3 + json.dumps(dict(REC, prompt="caf\u00e9"), ensure_ascii=False) + "\n").encode("latin-1"))
+    col = json.dumps(dict(REC, prompt="caf")).index("caf") + 4
+    with pytest.raises(DataError, match=rf"latin1\.jsonl:4: not UTF-8 \(byte 0xe9 at column {col}\); save the file "
+                                        r"as UTF-8"):
+        load_records([str(bad)])
+    (tmp_path / "blank.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match=r"blank\.jsonl: no records \(the file is empty\)"):
+        load_records([str(tmp_path / "blank.jsonl")])
+
+
+def test_the_first_bad_row_in_file_order_is_named_whatever_the_shuffle(tmp_path, chatml_tok):
+    rows = [{"prompt": f"q{i}"} for i in range(40)]  # every row lacks its response
+    cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.25, shuffle=True, num_proc=2)
+    with pytest.raises(DataError, match=r"d\.jsonl row 1: missing 'response'"):
+        build_datasets(cfg, chatml_tok, seed=3)
+
+
+def test_a_conversation_without_a_system_message_is_not_counted_as_erased(tmp_path, chatml_tok):
+    rows = [dict(REC), {"prompt": REC["prompt"], "response": REC["response"]}]
+    cfg = DataConfig(train_files=[_write(tmp_path, rows)], eval_fraction=0.0, erase_strategy="on")
+    _, _, stats, _ = build_datasets(cfg, chatml_tok, seed=0)
+    assert (stats.examples, stats.erased) == (2, 1)
