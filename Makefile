@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/accelerate launch --config_file launch/cpu.yaml kd/train.py --config configs/demo.yaml
+	$(VENV)/bin/accelerate launch -q --config_file launch/cpu.yaml kd/train.py --config configs/demo.yaml
 
 test: install
 	$(PY) -m pytest -q

@@ -400,6 +400,12 @@ def _safe_torch_load(path, map_location=None):
 # --------------------------------------------------------------------------- export
 
 
+def exported(cfg) -> bool:
+    """Whether <output_dir>/student holds an export (written whole by a rename, so present means complete)."""
+    out = Path(cfg.train.output_dir) / "student"
+    return (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+
+
 def export(accelerator, distiller, tokenizer, output_dir: str, mode: str = "full") -> Path:
     """The student inside the prepared Distiller -> save_pretrained + tokenizer in
     <output_dir>/student, atomically. Collective (gathers sharded weights where needed).

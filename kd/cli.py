@@ -53,10 +53,15 @@ def quiet_libraries() -> None:
 @contextlib.contextmanager
 def one_line_errors():
     """Entry points: a KDError becomes `kd: error: ...` on stderr (once, from rank 0: every rank
-    fails the same way) and exit status 2 (3 for non-finite values)."""
+    fails the same way) and exit status 2 (3 for non-finite values); a Ctrl-C that is not a
+    training run's stop request (before training starts, or a second one) is one line, exit 130."""
     try:
         yield
     except KDError as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"kd: error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("kd: interrupted (nothing saved since the last checkpoint)", file=sys.stderr)
+        sys.exit(130)

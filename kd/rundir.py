@@ -3,11 +3,13 @@
 The lock is an advisory `flock` on `<output_dir>/.lock`, held by the main process. The kernel
 drops it when that process dies however it dies, so a lock left by a killed run is simply taken
 over (with a line saying whose it was); a lock held by a live run stops a second run on the same
-directory before it writes anything.
+directory before it writes anything. A run that ends (an error included) before writing anything
+else there leaves nothing behind: the lock goes, and the directory if the run created it.
 """
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import socket
@@ -25,6 +27,8 @@ class RunDirError(KDError):
 def prepare(output_dir: str) -> Path:
     """Create output_dir if needed; one-line errors for a file in the way or no write access."""
     out = Path(output_dir)
+    if not out.exists():
+        _created.add(str(out.resolve()))
     if out.exists() and not out.is_dir():
         raise RunDirError(f"train.output_dir={output_dir} is a file, not a directory")
     try:
@@ -34,6 +38,9 @@ def prepare(output_dir: str) -> Path:
     if not os.access(out, os.W_OK | os.X_OK):
         raise RunDirError(f"train.output_dir={output_dir} is not writable")
     return out
+
+
+_created: set[str] = set()  # output directories this process made
 
 
 class RunLock:
@@ -62,10 +69,17 @@ class RunLock:
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         fh.flush()
         self.fh = fh
+        # an error exit releases it too, so only a killed run leaves a holder for the next to name
+        atexit.register(self.release)
         return f"took over the run lock of a previous run ({previous}), no longer running" if previous else None
 
     def release(self) -> None:
         if self.fh is not None:
+            out = self.path.parent
+            if [p.name for p in out.iterdir()] == [LOCK]:  # the run wrote nothing: leave nothing
+                self.path.unlink()
+                if str(out.resolve()) in _created:
+                    out.rmdir()
             self.fh.seek(0)
             self.fh.truncate()
             fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)

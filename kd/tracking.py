@@ -92,6 +92,11 @@ class Tracker:
                                 data=[[step, i, r["prompt"], r["reference"], r["generation"]] for i, r in enumerate(samples)])
             self.accelerator.log({"eval/samples": table}, step=step)
 
+    def status(self, text: str) -> None:
+        """What the step is doing now, on the bar (a long on-policy generation is not a frozen bar)."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=True)
+
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)

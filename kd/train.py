@@ -156,6 +156,21 @@ def open_run_dir(accelerator, cfg: Config) -> rundir.RunLock:
     return lock
 
 
+def features(accelerator, cfg: Config, student, train_stats) -> str:
+    """One line: what this run does besides plain off-policy distillation, on or off."""
+    world = accelerator.num_processes
+    plugin = accelerator.state.deepspeed_plugin
+    how = f"DeepSpeed ZeRO-{plugin.zero_stage}, {world} ranks" if plugin else \
+        (f"DDP, {world} ranks" if world > 1 else "1 process")
+    on = [how, f"{accelerator.device.type}",
+          "packing on (examples kept apart: checked)" if cfg.data.packing else "packing off",
+          {"off": "store off", "read": "store hit", "built": "store built"}[train_stats.store],
+          f"LoRA rank {cfg.student.lora.rank}" if lora.is_adapted(student) else "LoRA off",
+          f"on-policy {cfg.onpolicy.fraction:.0%} of micro-batches" if cfg.onpolicy.fraction > 0 else "on-policy off",
+          "teacher cache" if cfg.teacher.cache else "teacher cache off"]
+    return "features: " + ", ".join(on)
+
+
 def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
@@ -180,6 +195,13 @@ def train(cfg: Config) -> dict:
                                              if cfg.train.epochs else ""))
     # Which checkpoint (verified) and whether its settings may continue, before any model loads.
     resume = checkpoint.find(accelerator, cfg.train.output_dir, cfg.train.resume, say=tracker.print)
+    if resume and resume[1]["step"] >= total_steps and (cfg.train.export == "off" or checkpoint.exported(cfg)):
+        tracker.print(f"{cfg.train.output_dir}: this run already finished at step {resume[1]['step']}"
+                      + (f" (student in {Path(cfg.train.output_dir) / 'student'})" if cfg.train.export != "off" else "")
+                      + "; raise train.max_steps or train.epochs to train on, or choose another train.output_dir")
+        tracker.finish()
+        lock.release()
+        return {"step": resume[1]["step"], "finished": True}
     schedule_steps = schedule_after_resume(cfg, resume[1], world, total_steps, tracker.print) if resume \
         else total_steps
     if accelerator.is_main_process:
@@ -243,8 +265,9 @@ def train(cfg: Config) -> dict:
         return checkpoint.save(accelerator, distiller, optimizer, cfg.train.output_dir, at,
                                recorded_state(cfg, at, world, total_steps, schedule_steps, skipped), cfg.train.keep_checkpoints)
 
+    tracker.print(features(accelerator, cfg, student, train_stats))
     tracker.start(step, total_steps)
-    stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process)
+    stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process, say=tracker.print)
     accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
     batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum, cfg.data.packing))
     first_batch = True
@@ -259,6 +282,7 @@ def train(cfg: Config) -> dict:
         if any(on):
             with accelerator.autocast():
                 for i in (i for i in range(accum) if on[i]):
+                    tracker.status(f"step {step + 1}: the student answers micro-batch {i + 1}/{accum}")
                     rows = [train_set[j] for j in sampler.indices(step * accum + i)]
                     micro[i], made = onpolicy.batch(student, rows, step, i, accelerator.process_index)
                     gen.add(made)
@@ -276,6 +300,7 @@ def train(cfg: Config) -> dict:
             tracker.print(f"stop requested ({stop.reason() or 'on another rank'}): checkpoint at "
                           f"step {step} saved; rerun the same command to resume")
             tracker.finish()
+            stop.close()
             lock.release()
             return {"step": step, "stopped": True}
         micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
@@ -377,6 +402,7 @@ def train(cfg: Config) -> dict:
         path = checkpoint.export(accelerator, distiller, tokenizer, cfg.train.output_dir, cfg.train.export)
         tracker.print(f"student exported to {path}")
     tracker.finish()
+    stop.close()
     lock.release()
     return {"step": step, "skipped_steps": skipped}
 

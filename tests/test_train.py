@@ -127,29 +127,89 @@ def test_half_written_checkpoint_is_never_latest(small_data, tmp_path):
     assert (ckpts / "latest").read_text() == "step_00000003" and not partial.exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["loss.temprature=2"], "kd: error: unknown config key 'loss.temprature' (command line) (did you mean 'loss.temperature'?)"),
-    (["--loss.temperature=abc"], "kd: error: bad value for 'loss.temperature' (command line)"),
-    (["teacher.name_or_path=/nonexistent/model"], "kd: error: cannot load tokenizer '/nonexistent/model'"),
+def _latin1(tmp_path, data):
+    p = tmp_path / "latin1.jsonl"
+    rows = Path(data["train"]).read_text().splitlines()
+    rec = dict(json.loads(rows[2]), response="caf\u00e9 au lait")
+    rows[2] = json.dumps(rec, ensure_ascii=False)
+    p.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+    return [f"data.train_files=[{p}]"]
+
+
+def _all_rows_bad(tmp_path, data):
+    p = tmp_path / "bad.jsonl"
+    p.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n"
+                         for line in Path(data["train"]).read_text().splitlines()))
+    return [f"data.train_files=[{p}]", "data.eval_files=[]", "data.eval_fraction=0.25"]
+
+
+# (overrides, or a function of (tmp_path, small_data) that writes the input and returns them) -> last line
+BAD_INPUTS = {
+    "unknown key": (["loss.temprature=2"],
+                    "kd: error: unknown config key 'loss.temprature' (command line) (did you mean 'loss.temperature'?)"),
+    "bad value": (["--loss.temperature=abc"], "kd: error: bad value for 'loss.temperature' (command line)"),
+    "negative lr": (["optim.lr=-1"], "kd: error: optim.lr must be > 0"),
+    "negative warmup": (["optim.warmup_steps=-5"], "kd: error: optim.warmup_steps must be >= 0"),
+    "missing model dir": (["teacher.name_or_path=/nonexistent/model"],
+                          "kd: error: no such directory: /nonexistent/model (teacher.name_or_path)"),
+    "not UTF-8": (_latin1, "kd: error: {tmp}/latin1.jsonl:3: not UTF-8 (byte 0xe9 at column "),
+    # rows are shuffled for the eval hold-out and tokenised by two workers: the file's first bad row is named
+    "every row bad": (_all_rows_bad, "kd: error: {tmp}/bad.jsonl row 1: missing 'response'"),
+    "run length twice": (["train.epochs=1", "train.max_steps=4"],
+                         "kd: error: set exactly one of train.max_steps and train.epochs"),
+    "no template file": (["data.chat_template=templates/missing.jinja"],
+                         "kd: error: no such file: templates/missing.jinja (data.chat_template"),
     # the sandbox holds; the violation is the user's template, named with the row it failed on
-    (["data.chat_template='{{ cycler.__init__.__globals__.os }}'"], "kd: error: "),
-])
-def test_bad_input_fails_in_one_line(args, message, small_data, tmp_path):
-    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run"), *args], check=False)
-    assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1].startswith(message)
-    assert "Traceback" not in res.stderr
-    if "chat_template" in args[0]:
-        assert "row 1: the chat template fails on it (SecurityError: access to attribute '__init__'" in res.stderr
+    "template sandbox": (["data.chat_template='{{ cycler.__init__.__globals__.os }}'"],
+                         "kd: error: {train} row 1: the chat template fails on it (SecurityError: access to "
+                         "attribute '__init__'"),
+}
 
 
-def test_bad_data_fails_in_one_line(small_data, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(Path(small_data["train"]).read_text() + '{"prompt": "no response here"}\n')
-    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run"), f"data.train_files=[{bad}]"],
-                  check=False)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == f"kd: error: {bad} row 49: missing 'response' (need prompt+response, messages or conversations)"
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_fails_in_one_line_and_writes_nothing(case, small_data, tmp_path):
+    args, message = BAD_INPUTS[case]
+    if callable(args):
+        args = args(tmp_path, small_data)
+    out = tmp_path / "run"
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{"data.num_proc": 2}), *args], check=False)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith(message.format(tmp=tmp_path, train=small_data["train"])), lines[-1]
+    assert sum(line.startswith("kd: error") for line in lines) == 1 and "Traceback" not in res.stderr
+    assert not out.exists()  # nothing written: no run directory, lock, config or store
+
+
+def test_data_inputs_as_users_write_them_train_from_the_cli(small_data, tmp_path):
+    """One path where a list is expected, a glob, a directory of data files, and the run length
+    chosen on the command line (the shipped config sets train.max_steps)."""
+    d = tmp_path / "data"
+    (d / "eval").mkdir(parents=True)
+    lines = Path(small_data["train"]).read_text().splitlines(keepends=True)
+    (d / "part1.jsonl").write_text("".join(lines[:6]))
+    (d / "part2.jsonl").write_text("".join(lines[6:12]))
+    (d / "eval" / "e.jsonl").write_text("".join(lines[12:16]))
+    out = tmp_path / "run"
+    base = [o for o in tiny_overrides(small_data, out) if not o.startswith("train.max_steps=")]
+    res = run_cli(["--config", DEMO, *base, f"data.train_files={d}/part*.jsonl", f"data.eval_files={d / 'eval'}",
+                   "train.epochs=1", "train.micro_batch_size=4", "data.store=off"])
+    assert "train data: 12 examples" in res.stdout and "eval data: 4 examples" in res.stdout
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and (out / "student").exists()
+
+
+def test_a_finished_run_says_so_and_an_error_exit_leaves_no_lock_holder(small_data, tmp_path):
+    out = tmp_path / "run"
+    args = ["--config", DEMO, *tiny_overrides(small_data, out, **{"train.max_steps": 2})]
+    run_cli(args)
+    exported = (out / "student" / "model.safetensors").stat().st_mtime_ns
+    failed = run_cli(args + ["data.train_files=[/nonexistent.jsonl]"], check=False)
+    assert failed.returncode == 2 and "data file not found" in failed.stderr
+    res = run_cli(args)
+    assert f"{out}: this run already finished at step 2 (student in {out / 'student'}); raise train.max_steps" \
+        in res.stdout
+    assert "took over" not in res.stdout + res.stderr  # the failed run released its lock on the way out
+    assert (out / "student" / "model.safetensors").stat().st_mtime_ns == exported  # not exported again
+    assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
 def test_mismatched_tokenizers_are_refused(small_data, tmp_path):
@@ -162,7 +222,9 @@ def test_mismatched_tokenizers_are_refused(small_data, tmp_path):
     res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run"), f"teacher.name_or_path={other}"],
                   check=False)
     assert res.returncode == 2
-    assert "use different tokenizers" in res.stderr.strip().splitlines()[-1]
+    line = res.stderr.strip().splitlines()[-1]
+    assert "use different tokenizers" in line and "only in the teacher: '<extra_token>'" in line
+    assert "student.tokenizer=<dir> or teacher.tokenizer=<dir>" in line
 
 
 def test_wandb_offline_tracking_with_sample_generations(small_data, tmp_path):
@@ -190,7 +252,7 @@ def test_wandb_offline_tracking_with_sample_generations(small_data, tmp_path):
                for r, rec in zip(rows[2:], recs))
 
 
-@pytest.mark.parametrize("how", ["SIGUSR1", "STOP file"])
+@pytest.mark.parametrize("how", ["SIGUSR1", "Ctrl-C", "STOP file"])
 def test_stop_request_checkpoints_and_exits_cleanly(how, small_data, tmp_path):
     out = tmp_path / "run"
     args = ["--config", DEMO, *tiny_overrides(small_data, out, **{"train.max_steps": 200, "train.save_every": 0})]
@@ -202,10 +264,14 @@ def test_stop_request_checkpoints_and_exits_cleanly(how, small_data, tmp_path):
         time.sleep(0.05)
     if how == "SIGUSR1":
         proc.send_signal(signal.SIGUSR1)
+    elif how == "Ctrl-C":  # the first one saves, as SIGTERM does, and says so
+        proc.send_signal(signal.SIGINT)
     else:
         (out / "STOP").touch()
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "stop requested" in stdout
+    if how == "Ctrl-C":
+        assert "Ctrl-C: stopping after this step to save a checkpoint; Ctrl-C again aborts without saving" in stdout
     step = int((out / "checkpoints" / "latest").read_text().split("_")[1])
     assert 0 < step < 200 and not (out / "student").exists()
     # shortening the run changes the schedule: an allowed change, listed on resume

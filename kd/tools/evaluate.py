@@ -67,6 +67,13 @@ def _scorable(record: dict) -> str | None:
     return None
 
 
+def data_source(args) -> str:
+    """What was scored, as the output names it: a DatasetDict's or the hub's split included."""
+    if args.data is None:
+        return f"{args.dataset}[{args.split}]"
+    return f"{args.data}[{args.split}]" if (Path(args.data) / "dataset_dict.json").is_file() else args.data
+
+
 def load_data(args) -> list[dict]:
     if args.dataset:
         from kd.data.records import load_records
@@ -79,7 +86,7 @@ def load_data(args) -> list[dict]:
             if problem:
                 raise DataError(f"{args.dataset}[{args.split}] row {i}: {problem}")
         return rows
-    return read_records(args.data, args.limit, validate=_scorable)
+    return read_records(args.data, args.limit, validate=_scorable, split=args.split)
 
 
 # --------------------------------------------------------------------------- models
@@ -119,7 +126,7 @@ def load_student(name: str, dtype: str, device, chat_template: str | None, state
                          f"student, or rebuild full weights with DeepSpeed's zero_to_fp32.py in {ckpt / 'engine'}")
     cfg = from_flat(json.loads((ckpt / checkpoint.STATE_FILE).read_text())["config"])
     cfg.student.dtype = dtype if dtype != "auto" else cfg.student.dtype
-    tok = models.load_tokenizer(cfg.student.name_or_path, chat_template or cfg.data.chat_template)
+    tok = models.load_tokenizer(models.tokenizer_source(cfg, "student"), chat_template or cfg.data.chat_template)
     student = models.load_student(cfg, len(tok), device.type)
     checkpoint.load_weights(student, ckpt, device, prefix="student.")
     return tok, student.to(device).eval(), f"{ckpt} ({cfg.student.name_or_path}, step {ckpt.name.split('_')[-1].lstrip('0') or 0})"
@@ -132,18 +139,16 @@ def views_of(records, tokenizer, system_mode: str, targets: str, max_length: int
              offset: int = 0) -> tuple[list[dict], int]:
     """Training-style examples (teacher: strategy view; student: `system_mode` view) -> (examples,
     records that do not fit in max_length)."""
-    from kd.data.views import conversation_views
+    from kd.data.views import conversation_rows
 
     erase = system_mode != "strategy"
     generic = GENERIC_SYSTEM if system_mode == "generic" else None
     examples, dropped = [], 0
     for i, rec in records:
-        row, _ = conversation_views(rec, tokenizer, erase=erase, generic_system=generic, targets=targets,
+        rows, _ = conversation_rows(rec, tokenizer, erase=erase, generic_system=generic, targets=targets,
                                     max_length=max_length, min_prompt=8, where=f"{source} record {i + 1}")
-        if row is None:
-            dropped += 1
-        else:
-            examples.append(row)
+        dropped += not rows
+        examples.extend(rows)
     return examples, dropped
 
 
@@ -285,7 +290,7 @@ def run(args) -> dict:
     if tok.chat_template is None:
         raise ModelError(f"tokenizer of {args.model!r} has no chat template; pass --chat-template chatml, llama2 or "
                          f"a Jinja template")
-    source = args.data or f"{args.dataset}[{args.split}]"
+    source = data_source(args)
     result = {"model": origin, "data": source, "records": len(records), "system": args.system,
               "targets": args.targets}
     if args.tokens:
@@ -328,7 +333,7 @@ def parse_args(argv=None):
     src.add_argument("--data", help="records file (.jsonl, .json, .parquet) or save_to_disk directory")
     src.add_argument("--dataset", help="a datasets hub name")
     ap.add_argument("--dataset-config", default=None)
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="the split of --dataset, or of a --data DatasetDict directory")
     ap.add_argument("--teacher", help="teacher for the divergence and top-1 agreement (hub id, path or builtin:)")
     ap.add_argument("--divergence", choices=DIVERGENCES, default="forward_kl")
     ap.add_argument("--kd-temperature", type=float, default=1.0, help="temperature of the divergence")

@@ -49,19 +49,19 @@ GENERIC_SYSTEM = "You are a helpful assistant."
 
 
 def read_records(path: str, limit: int | None = None, required: tuple[str, ...] = (),
-                 validate=None) -> list[dict]:
+                 validate=None, split: str = "train") -> list[dict]:
     """Records from `path`, the first `limit` if given: JSONL read line by line (blank lines
     skipped), or .json / .parquet / a save_to_disk directory through kd.data's loader.
 
     Every record must be a JSON object whose `required` fields are strings and whose `system`,
     if present, is a string or null; `validate(record)` may return a further complaint. Errors
-    are DataErrors naming the file and line (row).
+    are DataErrors naming the file and line (row). `split` is the one taken from a DatasetDict.
     """
     p = Path(path)
     if not p.exists():
         raise DataError(f"input file not found: {path}")
     out: list[dict] = []
-    for where, rec in _rows(p, limit):
+    for where, rec in _rows(p, limit, split):
         if not isinstance(rec, dict):
             raise DataError(f"{where}: each line must be a JSON object")
         for key in required:
@@ -79,8 +79,12 @@ def read_records(path: str, limit: int | None = None, required: tuple[str, ...] 
     return out
 
 
-def _rows(p: Path, limit: int | None):
+def _rows(p: Path, limit: int | None, split: str):
     if p.suffix == ".jsonl" and p.is_file():
+        from kd.data.records import text_problem
+
+        if problem := text_problem(p):
+            raise DataError(problem)
         with open(p, encoding="utf-8") as fh:
             n = 0
             for lineno, line in enumerate(fh, 1):
@@ -97,7 +101,7 @@ def _rows(p: Path, limit: int | None):
         return
     from kd.data.records import load_records
 
-    ds = load_records([str(p)])
+    ds = load_records([str(p)], split=split)
     for i in range(len(ds) if limit is None else min(limit, len(ds))):
         row = ds[i]
         where = f"{row.pop('_source')}:{row.pop('_row')}"

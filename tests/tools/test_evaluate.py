@@ -94,3 +94,21 @@ def test_user_errors_are_one_line(tmp_path, capsys, content, args, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kd: error: ") and message in err[0], err
+
+
+def test_a_datasetdict_directory_is_scored_on_the_split_asked_for(tmp_path, capsys):
+    import datasets
+
+    recs = records(10)
+    datasets.DatasetDict(train=datasets.Dataset.from_list(recs[:7]),
+                         test=datasets.Dataset.from_list(recs[7:])).save_to_disk(str(tmp_path / "dd"))
+    common = ["--model", "builtin:tiny-teacher", "--data", str(tmp_path / "dd"), "--no-generate"]
+    ev.main(common)  # --split defaults to test
+    out = capsys.readouterr().out
+    a = json.loads(out.strip().splitlines()[-1])
+    assert a["records"] == 3 and f"{tmp_path / 'dd'}[test]" in out
+    ev.main([*common, "--split", "train"])
+    assert summary(capsys)["records"] == 7
+    with pytest.raises(SystemExit):
+        ev.main([*common, "--split", "validation"])
+    assert "a DatasetDict without a 'validation' split (has train, test)" in capsys.readouterr().err
