@@ -272,7 +272,9 @@ def _divergence_and_grad(
             log_q.exp_().mul_(scale if q_coef is None else q_coef + scale).sub_(p, alpha=scale)
         return rows
     if kind == "reverse_kl":
-        g = log_p.clamp_min_(TEACHER_LOG_FLOOR).neg_().add_(log_q)  # log(q / p), see kd.loss.dense
+        # log(q / p); a forbidden teacher token (-inf, floored to _LOG_FLOOR above) counts as
+        # TEACHER_LOG_FLOOR, every finite log-probability stays exact (see kd.loss.dense)
+        g = log_p.masked_fill_(log_p <= _LOG_FLOOR, TEACHER_LOG_FLOOR).neg_().add_(log_q)
         q = log_q.exp_()
         rows = torch.mul(q, g).sum(-1)
         if want_grad:

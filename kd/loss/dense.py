@@ -52,12 +52,19 @@ class LossParts:
 # forward pass or the backward pass; -1e30 keeps every product finite in fp32.
 _LOG_FLOOR = -1e30
 # Reverse KL puts the teacher's log-probability in the denominator: a teacher column at -inf
-# (a token the teacher forbids) makes KL(p_s || p_t) infinite wherever the student gives it mass,
-# and the -1e30 floor would turn that into ~1e29. Instead a teacher probability below fp32's
-# smallest normal number (2**-126, so log p_t >= -87.34) counts as that number: a forbidden
-# token costs q * (log q + 87.34) nats, finite and still pushing its student mass to 0. Only the
-# teacher side is floored (it has no gradient); above the floor nothing changes.
+# (a token the teacher forbids: masked or padded vocabulary) makes KL(p_s || p_t) infinite
+# wherever the student gives it mass, and the -1e30 floor would turn that into ~1e29. Instead a
+# forbidden token's teacher probability counts as fp32's smallest normal number (2**-126, log
+# -87.34): it costs q * (log q + 87.34) nats, finite and still pushing its student mass to 0.
+# Only -inf is replaced: every finite log-probability, however far below -87.34 (peaked teachers
+# put most of the vocabulary there), stays exact. Only the teacher side (no gradient) is touched.
 TEACHER_LOG_FLOOR = math.log(torch.finfo(torch.float32).tiny)
+
+
+def forbidden_floored(t_logp: torch.Tensor) -> torch.Tensor:
+    """The teacher's log-probabilities with -inf (forbidden tokens) at TEACHER_LOG_FLOOR, every
+    finite value unchanged."""
+    return t_logp.masked_fill(t_logp == float("-inf"), TEACHER_LOG_FLOOR)
 
 
 def _kl_from_logprobs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -86,7 +93,7 @@ def divergence_from_logprobs(
     """Per-token divergence D(teacher || student) from fp32 log-probabilities [N, V] -> [N].
 
     forward_kl       KL(p_t || p_s), the true KL (teacher entropy included, so 0 iff equal).
-    reverse_kl       KL(p_s || p_t), the teacher's log-probability floored at TEACHER_LOG_FLOOR.
+    reverse_kl       KL(p_s || p_t), a forbidden (-inf) teacher token at TEACHER_LOG_FLOOR.
     jsd              generalised JSD(beta) = beta*KL(p_t||m) + (1-beta)*KL(p_s||m),
                      m = beta*p_t + (1-beta)*p_s. As in GKD, the endpoints are the plain KLs:
                      beta = 0 -> forward KL, beta = 1 -> reverse KL (JSD(beta)/beta tends to the
@@ -98,12 +105,12 @@ def divergence_from_logprobs(
     if kind == "forward_kl":
         return _kl_from_logprobs(t_logp, s_logp)
     if kind == "reverse_kl":
-        return _kl_from_logprobs(s_logp, t_logp.clamp_min(TEACHER_LOG_FLOOR))
+        return _kl_from_logprobs(s_logp, forbidden_floored(t_logp))
     if kind == "jsd":
         if beta == 0.0:
             return _kl_from_logprobs(t_logp, s_logp)
         if beta == 1.0:
-            return _kl_from_logprobs(s_logp, t_logp.clamp_min(TEACHER_LOG_FLOOR))
+            return _kl_from_logprobs(s_logp, forbidden_floored(t_logp))
         m = _log_mix(t_logp, s_logp, beta)
         return beta * _kl_from_logprobs(t_logp, m) + (1.0 - beta) * _kl_from_logprobs(s_logp, m)
     if kind == "skew_forward_kl":
@@ -112,7 +119,7 @@ def divergence_from_logprobs(
         return _kl_from_logprobs(t_logp, _log_mix(t_logp, s_logp, skew))
     if kind == "skew_reverse_kl":
         if skew == 0.0:
-            return _kl_from_logprobs(s_logp, t_logp.clamp_min(TEACHER_LOG_FLOOR))
+            return _kl_from_logprobs(s_logp, forbidden_floored(t_logp))
         return _kl_from_logprobs(s_logp, _log_mix(s_logp, t_logp, skew))
     if kind == "tvd":
         return 0.5 * (t_logp.exp() - s_logp.exp()).abs().sum(-1)
