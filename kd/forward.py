@@ -13,6 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from kd.distributed import gathered
+from kd.errors import ConfigError
 from kd.lora import is_adapted
 from kd.loss.chunked import chunked_kd_loss
 from kd.loss.dense import kd_loss, token_losses
@@ -37,21 +38,61 @@ def response_hidden(model, batch: dict, view: str) -> torch.Tensor:
     return rearrange(out.last_hidden_state, "b l h -> (b l) h").index_select(0, batch[f"{view}_index"])
 
 
+# A model that keeps packed examples apart gives one example's hidden states bit for bit whatever
+# the other example's tokens are (their keys are masked to exact zeros); 1e-5 is far above that
+# and far below the 1e-4..1e-2 a model that leaks a little shows.
+ISOLATION_TOLERANCE = 1e-5
+
+
 @torch.no_grad()
-def isolates_packed_sequences(model, vocab_size: int) -> bool:
-    """Does this model, with its attention implementation, keep packed examples apart given only
-    restarting position ids? Checked by running two short sequences separately and packed (the
-    same on every rank, so it is safe for a ZeRO-3 partitioned model)."""
+def packing_leak(model, vocab_size: int) -> tuple[float, float]:
+    """-> (leak, position error) of this model, with its attention implementation, on two short
+    examples packed in one row with restarting position ids and no mask. leak: how far the second
+    example's hidden states move when the first's tokens change (0 when the model isolates them;
+    relative to their size). position error: packed against run alone, relative (rounding of the
+    model's dtype, or far more for a model that ignores position ids). The same on every rank, so
+    it is safe for a ZeRO-3 partitioned model."""
     device, was_training = next(model.parameters()).device, model.training
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randint(0, vocab_size, (1, n), generator=g).to(device) for n in (6, 5))
-    model.eval()  # no dropout: the check must not draw from the training RNG
-    separate = torch.cat([body(model)(input_ids=x, use_cache=False).last_hidden_state[0] for x in (a, b)])
+    a, a2, b = (torch.randint(0, vocab_size, (1, n), generator=g).to(device) for n in (6, 6, 5))
     pos = torch.cat([torch.arange(6), torch.arange(5)]).unsqueeze(0).to(device)
-    packed = body(model)(input_ids=torch.cat([a, b], 1), position_ids=pos, use_cache=False).last_hidden_state[0]
-    model.train(was_training)
-    err = (packed.float() - separate.float()).abs().max() / separate.float().abs().max().clamp_min(1e-6)
-    return bool(err < 1e-2)
+    run = lambda ids, p=None: body(model)(input_ids=ids, position_ids=p, use_cache=False).last_hidden_state[0].float()  # noqa: E731
+    model.eval()  # no dropout: the check must not draw from the training RNG
+    try:
+        alone = run(b)
+        packed, changed = run(torch.cat([a, b], 1), pos)[6:], run(torch.cat([a2, b], 1), pos)[6:]
+    finally:
+        model.train(was_training)
+    scale = alone.abs().max().clamp_min(1e-6)
+    return float((changed - packed).abs().max() / scale), float((packed - alone).abs().max() / scale)
+
+
+def position_tolerance(model) -> float:
+    """Packed vs alone differ by the model dtype's rounding (different shapes, other kernels)."""
+    dtype = next(model.parameters()).dtype
+    return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def isolates_packed_sequences(model, vocab_size: int) -> bool:
+    leak, err = packing_leak(model, vocab_size)
+    return leak <= ISOLATION_TOLERANCE and err <= position_tolerance(model)
+
+
+def packing_refusal(role: str, model, vocab_size: int) -> None:
+    """data.packing=true: a ConfigError naming what the probe measured unless `model` keeps
+    packed examples apart. The advice never names the attention implementation in use."""
+    leak, err = packing_leak(model, vocab_size)
+    if leak <= ISOLATION_TOLERANCE and err <= position_tolerance(model):
+        return
+    impl = getattr(model.config, "_attn_implementation", None) or "default"
+    others = [i for i in ("sdpa", "eager", "flash_attention_2") if i != impl]
+    what = (f"lets packed examples see each other (one example's hidden states move by {leak:.1e} of their "
+            f"size when the other's tokens change)" if leak > ISOLATION_TOLERANCE else
+            f"does not restart positions at each packed example (hidden states {err:.1e} off their "
+            f"value run alone)")
+    raise ConfigError(f"data.packing=true: the {role} ({type(model).__name__}, attn_implementation={impl}) {what}; "
+                      f"set data.packing=false, or try {role}.attn_implementation={' or '.join(others)} if this "
+                      f"architecture builds its mask from position ids there")
 
 
 def head(model) -> nn.Linear:

@@ -26,7 +26,7 @@ from kd.config import Config, ConfigError, load_config, to_yaml
 from kd.data import MicroBatchSampler, build_datasets, eval_batches, example_lengths, real_tokens, train_loader
 from kd.distributed import (first_failure, gathered, global_sum, is_deepspeed, local_numel, make_accelerator,
                             memory_gib, reset_peak_memory, shard_teacher, teacher_zero3_config, zero3_loading)
-from kd.forward import Distiller, eval_sums, head, isolates_packed_sequences, teacher_forward
+from kd.forward import Distiller, eval_sums, head, packing_refusal, teacher_forward
 from kd.guard import NonFiniteError, culprit, teacher_broken, teacher_nonfinite
 from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
@@ -247,11 +247,8 @@ def train(cfg: Config) -> dict:
         if cfg.onpolicy.fraction > 0 else None
     if cfg.data.packing:  # packed rows rely on position ids alone to keep examples apart
         for role, model in (("student", student), ("teacher", None if cache else teacher)):
-            if model is not None and not isolates_packed_sequences(model, vocab):
-                raise ConfigError(f"data.packing=true: the {role} ({type(model).__name__}, attn_implementation="
-                                  f"{model.config._attn_implementation}) does not keep packed examples apart; use "
-                                  f"sdpa, eager or flash_attention_2 on a model whose masks honour position ids, "
-                                  f"or data.packing=false")
+            if model is not None:
+                packing_refusal(role, model, vocab)
 
     step, skipped, skipped_in_row = 0, 0, 0
     if resume is not None:

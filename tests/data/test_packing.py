@@ -4,11 +4,13 @@ reordering of the same epoch."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from kd.data import MicroBatchSampler, collate, collate_packed, conversation_rows
-from kd.forward import Distiller, head, isolates_packed_sequences, teacher_forward
+from kd.errors import ConfigError
+from kd.forward import Distiller, head, isolates_packed_sequences, packing_leak, packing_refusal, teacher_forward
 from kd.loss import LossSpec
 from kd.models import load_tokenizer, resolve
 
@@ -50,15 +52,66 @@ def test_packed_equals_padded_rows_loss_and_gradients():
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_which_models_isolate_packed_sequences():
-    from types import SimpleNamespace
+def _tiny(kind: str, impl: str):
+    import transformers as T
 
+    base = dict(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    configs = {
+        "llama": lambda: T.LlamaConfig(**base), "qwen2": lambda: T.Qwen2Config(**base),
+        "qwen3": lambda: T.Qwen3Config(**base, head_dim=8),
+        "mistral-sliding-window": lambda: T.MistralConfig(**base, sliding_window=4),
+        "gemma": lambda: T.GemmaConfig(**base, head_dim=8), "phi3": lambda: T.Phi3Config(**base, pad_token_id=0),
+        "phi": lambda: T.PhiConfig(**{k: v for k, v in base.items() if k != "num_key_value_heads"}),
+        "gpt2": lambda: T.GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+        "gpt-neox": lambda: T.GPTNeoXConfig(**{k: v for k, v in base.items() if k != "num_key_value_heads"}),
+        "falcon": lambda: T.FalconConfig(vocab_size=400, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         new_decoder_architecture=True, num_kv_heads=2),
+        # ALiBi without position ids: with small weights its leak is 1e-4..1e-2, which a relative
+        # tolerance of 1e-2 on packed-vs-alone accepted
+        "bloom": lambda: T.BloomConfig(vocab_size=400, hidden_size=32, n_layer=2, n_head=4, initializer_range=0.005),
+        "opt": lambda: T.OPTConfig(vocab_size=400, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                   num_attention_heads=4, word_embed_proj_dim=32),
+    }
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(configs[kind](), attn_implementation=impl)
+
+
+ISOLATING = ["llama", "qwen2", "qwen3", "mistral-sliding-window", "gemma", "phi3", "phi", "gpt2", "gpt-neox", "falcon"]
+
+
+@pytest.mark.parametrize("kind", ISOLATING)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_models_that_isolate_packed_examples_are_accepted(kind, impl):
+    model = _tiny(kind, impl).train()
+    leak, err = packing_leak(model, 400)
+    assert leak == 0.0 and err < 1e-6  # structurally apart: bit for bit, whatever the other example holds
+    assert isolates_packed_sequences(model, 400) and model.training
+
+
+def test_the_builtin_models_isolate_packed_examples():
     for name in ("builtin:tiny-student", "builtin:tiny-teacher"):
         for impl in ("sdpa", "eager"):
-            model = AutoModelForCausalLM.from_pretrained(resolve(name), attn_implementation=impl).train()
-            assert isolates_packed_sequences(model, 400) and model.training
+            model = AutoModelForCausalLM.from_pretrained(resolve(name), attn_implementation=impl)
+            assert isolates_packed_sequences(model, 400)
 
-    class Leaky(torch.nn.Module):  # a running sum over the row: ignores where examples start
+
+@pytest.mark.parametrize("kind, impl", [("bloom", "eager"), ("opt", "sdpa"), ("opt", "eager")])
+def test_models_that_leak_even_a_little_are_refused_without_advising_what_they_use(kind, impl):
+    model = _tiny(kind, impl)
+    leak, _ = packing_leak(model, 400)
+    assert leak > 1e-5 and not isolates_packed_sequences(model, 400)
+    with pytest.raises(ConfigError) as e:
+        packing_refusal("student", model, 400)
+    msg = str(e.value)
+    assert f"attn_implementation={impl}) lets packed examples see each other" in msg and "data.packing=false" in msg
+    assert f"student.attn_implementation={impl}" not in msg and f"or {impl}" not in msg
+
+
+def test_a_leak_below_float_rounding_of_packed_vs_alone_is_still_refused():
+    from types import SimpleNamespace
+
+    class Leaky(torch.nn.Module):  # isolates but for a 1e-4 running sum over the whole row
         def __init__(self):
             super().__init__()
             self.emb = torch.nn.Embedding(400, 8)
@@ -68,8 +121,11 @@ def test_which_models_isolate_packed_sequences():
             return self
 
         def forward(self, input_ids, position_ids=None, use_cache=False):
-            return SimpleNamespace(last_hidden_state=self.emb(input_ids).cumsum(1))
+            e = self.emb(input_ids)
+            return SimpleNamespace(last_hidden_state=e + 1e-4 * e.cumsum(1))
 
+    leak, err = packing_leak(Leaky(), 400)
+    assert 1e-5 < leak < 1e-2 and err < 1e-2  # the old probe (packed vs alone < 1e-2) accepted it
     assert not isolates_packed_sequences(Leaky(), 400)
 
 
