@@ -4,6 +4,7 @@ length-grouped micro-batches, on a synthetic long-tailed conversation set with a
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_data.py --part store [--conversations 200000]
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_data.py --part packing [--examples 128]
+        [--data longtail|demo|short] [--attn sdpa|eager]
 
 store:   the same config built three ways in fresh child processes: (1) data.store=off, today's
          in-memory path that every rank repeats at every start; (2) the first start with the store
@@ -11,8 +12,8 @@ store:   the same config built three ways in fresh child processes: (1) data.sto
          train split the in-memory way and the memory-mapped way and report their private
          (anonymous) resident memory after reading every row.
 packing: one epoch over the same examples, micro-batch 8, as a KD step (teacher forward +
-         chunked loss forward/backward + AdamW), padded / packed / length-grouped, alternated in
-         one process: response tokens/s, the share of teacher-forward tokens that are padding,
+         chunked loss forward/backward + AdamW), padded / packed into rows of at most max_length /
+         packed into one row (before issue 21) / length-grouped, alternated in one process: response tokens/s, the share of teacher-forward tokens that are padding,
          and the per-step losses of padded vs packed.
 """
 
@@ -63,6 +64,17 @@ def synthetic(path: Path, n: int, seed: int = 0) -> None:
                 msgs.append({"from": "human", "value": " ".join(rng.choices(WORDS, k=q)) + "?"})
                 msgs.append({"from": "gpt", "value": " ".join(rng.choices(WORDS, k=a)) + "."})
             fh.write(json.dumps({"conversations": msgs}) + "\n")
+
+
+def short_answers(path: Path, n: int, seed: int = 0) -> None:
+    """Single-turn records with short prompts and answers (a classification or extraction set):
+    4-40 words of prompt, 1-12 of answer."""
+    rng = random.Random(seed)
+    with open(path, "w") as fh:
+        for _ in range(n):
+            rec = {"system": "Answer with the label only.", "prompt": " ".join(rng.choices(WORDS, k=rng.randint(4, 40))),
+                   "response": " ".join(rng.choices(WORDS, k=rng.randint(1, 12)))}
+            fh.write(json.dumps(rec) + "\n")
 
 
 CHILD = r"""
@@ -172,8 +184,15 @@ def part_packing(args) -> None:
     try:
         tok = load_tokenizer(str(tokenizer_dir(work / "tok")), chat_template="llama2")
         data = work / "c.jsonl"
-        synthetic(data, args.examples, seed=1)
-        cfg = DataConfig(train_files=[str(data)], eval_fraction=0, max_length=1024, store="off")
+        if args.data == "longtail":
+            synthetic(data, args.examples, seed=1)
+        elif args.data == "short":
+            short_answers(data, args.examples, seed=1)
+        else:  # the shipped demo set
+            with open(ROOT / "data/demo/train.jsonl") as src:
+                data.write_text("".join(line for _, line in zip(range(args.examples), src)))
+        max_length = args.max_length or {"longtail": 1024, "demo": 384, "short": 256}[args.data]
+        cfg = DataConfig(train_files=[str(data)], eval_fraction=0, max_length=max_length, store="off")
         train, _, stats, _ = build_datasets(cfg, tok, 0, log=lambda *a: None)
         rows = list(train)
 
@@ -181,7 +200,7 @@ def part_packing(args) -> None:
             torch.manual_seed(seed)
             return LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=h, intermediate_size=2 * h,
                                                 num_hidden_layers=layers, num_attention_heads=4,
-                                                attn_implementation="sdpa"))
+                                                attn_implementation=args.attn))
 
         (tl, th), (sl, sh) = (tuple(map(int, x.split("x"))) for x in (args.teacher, args.student))
         teacher = model(th, tl, 1).eval().requires_grad_(False)
@@ -189,7 +208,10 @@ def part_packing(args) -> None:
         mb = 8
         plain = MicroBatchSampler(len(rows), mb, seed=0)
         grouped = MicroBatchSampler(len(rows), mb, seed=0, lengths=example_lengths(train))
-        modes = {"padded": (plain, collate), "packed": (plain, collate_packed), "length-grouped": (grouped, collate)}
+        one_row = lambda ex, pad: collate_packed(ex, pad, row_tokens=1 << 30)  # noqa: E731 (before issue 21)
+        rows_of = lambda ex, pad: collate_packed(ex, pad, row_tokens=max_length)  # noqa: E731
+        modes = {"padded": (plain, collate), "packed": (plain, rows_of), "packed, one row per micro-batch": (plain, one_row),
+                 "length-grouped": (grouped, collate)}
         state = {}
         for name in modes:
             student = model(sh, sl, 2)
@@ -210,15 +232,14 @@ def part_packing(args) -> None:
                 r["s"] += time.perf_counter() - t0
                 r["tokens"] += batch["labels"].numel()
                 fed = batch["teacher_input_ids"].numel()
-                real = int(batch["teacher_attention_mask"].sum()) if "teacher_attention_mask" in batch else fed
+                real = sum(len(rows[i]["teacher_ids"]) for i in sampler.indices(k))  # a packed row's tail pads too
                 r["fed"] += fed
                 r["pad"] += fed - real
                 r["losses"].append(parts["weighted_sum"].item() / batch["labels"].numel())
         base = results["padded"]["tokens"] / results["padded"]["s"]
-        print(f"{len(rows)} conversations ({stats.target_tokens:,} target tokens; max_length 1024), micro-batch {mb}, "
-              f"one epoch = {plain.per_epoch} steps; teacher {args.teacher}, student {args.student} (layers x hidden), "
-              f"vocab 32000, sdpa, "
-              f"{torch.get_num_threads()} threads\n")
+        print(f"{args.data}: {len(rows)} examples ({stats.target_tokens:,} target tokens; max_length {max_length}), "
+              f"micro-batch {mb}, one epoch = {plain.per_epoch} steps; teacher {args.teacher}, student {args.student} "
+              f"(layers x hidden), vocab 32000, {args.attn}, {torch.get_num_threads()} threads\n")
         print("| micro-batches | response tokens/s | vs padded | teacher-forward tokens that are padding |")
         print("|---|---:|---:|---:|")
         for name, r in results.items():
@@ -238,6 +259,10 @@ def main() -> None:
     ap.add_argument("--conversations", type=int, default=200_000)
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--data", choices=("longtail", "demo", "short"), default="longtail",
+                    help="packing: long-tailed ShareGPT-style conversations, the shipped demo set, or short answers")
+    ap.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa")
+    ap.add_argument("--max-length", type=int, default=0, help="packing: data.max_length (0: 1024/384/256 by --data)")
     ap.add_argument("--teacher", default="8x384", help="layers x hidden of the packing benchmark's teacher")
     ap.add_argument("--student", default="4x256", help="layers x hidden of its student")
     args = ap.parse_args()

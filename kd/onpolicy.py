@@ -116,5 +116,6 @@ class OnPolicy:
             stats.tokens += len(ids)
             stats.longest = max(stats.longest, len(ids))
             stats.by_length += ids[-1] not in eos
-        fn = collate_packed if self.packing else collate
-        return fn(examples, self.pad_id), stats
+        if self.packing:
+            return collate_packed(examples, self.pad_id, row_tokens=self.max_length), stats
+        return collate(examples, self.pad_id), stats

@@ -163,7 +163,8 @@ def features(accelerator, cfg: Config, student, train_stats) -> str:
     how = f"DeepSpeed ZeRO-{plugin.zero_stage}, {world} ranks" if plugin else \
         (f"DDP, {world} ranks" if world > 1 else "1 process")
     on = [how, f"{accelerator.device.type}",
-          "packing on (examples kept apart: checked)" if cfg.data.packing else "packing off",
+          f"packing on (rows of <= {cfg.data.max_length} tokens, examples kept apart: checked)" if cfg.data.packing
+          else "packing off",
           {"off": "store off", "read": "store hit", "built": "store built"}[train_stats.store],
           f"LoRA rank {cfg.student.lora.rank}" if lora.is_adapted(student) else "LoRA off",
           f"on-policy {cfg.onpolicy.fraction:.0%} of micro-batches" if cfg.onpolicy.fraction > 0 else "on-policy off",
@@ -266,7 +267,8 @@ def train(cfg: Config) -> dict:
     tracker.start(step, total_steps)
     stop = StopRequest(cfg.train.output_dir, clear=accelerator.is_main_process, say=tracker.print)
     accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
-    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum, cfg.data.packing))
+    batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum, cfg.data.packing,
+                                cfg.data.max_length))
     first_batch = True
 
     while step < total_steps:

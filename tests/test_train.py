@@ -300,9 +300,12 @@ def test_packed_and_padded_training_agree(small_data, tmp_path):
     runs = {}
     for packing in ("false", "true"):
         out = tmp_path / packing
-        run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
+        res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{
             "data.packing": packing, "train.eval_every": 3, "loss.divergence": "jsd"})])
         runs[packing] = (metrics(out), weights(out))
+        said = "packing on (rows of <= 256 tokens, examples kept apart: checked)" if packing == "true" \
+            else "packing off"
+        assert f"features: 1 process, cpu, {said}, store " in res.stdout and "LoRA off, on-policy off" in res.stdout
     (rp, wp), (rk, wk) = runs["false"], runs["true"]
     for a, b in zip(rp, rk, strict=True):
         assert a["train/response_tokens"] == b["train/response_tokens"]

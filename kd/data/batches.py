@@ -33,26 +33,70 @@ def collate(examples: list[dict], pad_id: int, keep: list[bool] | None = None) -
     return _targets(examples, keep, out)
 
 
-def collate_packed(examples: list[dict], pad_id: int | None = None, keep: list[bool] | None = None) -> dict:
-    """The same examples as `collate`, each view concatenated into one row with no padding:
-    `<view>_position_ids` restart at every example (so attention never crosses examples) and
-    there is no attention mask. Labels and their order are those of `collate`."""
+def collate_packed(examples: list[dict], pad_id: int | None = None, keep: list[bool] | None = None,
+                   row_tokens: int | None = None) -> dict:
+    """The same examples as `collate`, each view packed into rows of at most `row_tokens` tokens
+    (data.max_length; at least the longest example; see pack_rows): `<view>_position_ids`
+    restart at every example (so attention never crosses examples) and there is no attention
+    mask. Attention work per row is bounded by row_tokens², not the whole micro-batch's length
+    squared. Rows are right-padded to the fullest one; the pad tail is a sequence of its own, after
+    every real token, so no real position sees it. Labels and their order are those of `collate`."""
     keep = keep or [True] * len(examples)
+    pad = 0 if pad_id is None else pad_id
     out = {}
     for view in ("teacher", "student"):
-        ids, pos, index, offset = [], [], [], 0
-        for e, k in zip(examples, keep):
-            seq = e[f"{view}_ids"]
-            ids += seq
-            pos += range(len(seq))
-            if k:
-                for start, n in zip(e[f"{view}_starts"], e["target_lens"]):
-                    index.append(torch.arange(start - 1, start - 1 + n) + offset)
-            offset += len(seq)
-        out[f"{view}_input_ids"] = torch.tensor([ids], dtype=torch.long)
-        out[f"{view}_position_ids"] = torch.tensor([pos], dtype=torch.long)
+        lengths = [len(e[f"{view}_ids"]) for e in examples]
+        rows = pack_rows(lengths, max(row_tokens or 0, max(lengths)))
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        pos = torch.zeros((len(rows), width), dtype=torch.long)
+        where = {}  # example -> flat offset of its first token
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = lengths[i]
+                ids[r, at:at + n] = torch.tensor(examples[i][f"{view}_ids"], dtype=torch.long)
+                pos[r, at:at + n] = torch.arange(n)
+                where[i] = r * width + at
+                at += n
+            pos[r, at:] = torch.arange(width - at)
+        index = [torch.arange(start - 1, start - 1 + n) + where[i]
+                 for i, (e, k) in enumerate(zip(examples, keep)) if k
+                 for start, n in zip(e[f"{view}_starts"], e["target_lens"])]
+        out[f"{view}_input_ids"] = ids
+        out[f"{view}_position_ids"] = pos
         out[f"{view}_index"] = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
     return _targets(examples, keep, out)
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Example indices grouped into as few rows of at most `capacity` tokens as first-fit
+    decreasing finds, balanced: it first aims at rows of total / (fewest rows possible) tokens and
+    relaxes that target towards `capacity` only while it needs more rows, so the rows come out
+    nearly equal and padding them to the fullest costs little. Each row in example order."""
+    total, longest = sum(lengths), max(lengths)
+    fewest = -(-total // capacity)
+    target = max(longest, -(-total // fewest))
+    while True:
+        rows = _first_fit_decreasing(lengths, target)
+        if len(rows) <= fewest or target >= capacity:
+            return rows
+        target = min(capacity, target + max(1, target // 20))
+
+
+def _first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return [sorted(row) for row in rows]
 
 
 def _targets(examples: list[dict], keep: list[bool], out: dict) -> dict:
@@ -167,13 +211,12 @@ class _Stream(torch.utils.data.Sampler):
         return self.stop - self.start
 
 
-def train_loader(dataset, sampler: MicroBatchSampler, pad_id: int, start: int, stop: int, packing: bool = False):
+def train_loader(dataset, sampler: MicroBatchSampler, pad_id: int, start: int, stop: int, packing: bool = False,
+                 row_tokens: int | None = None):
     """Micro-batches start..stop-1 of this rank (a DataLoader, so workers/pinning can be added),
-    padded or packed (data.packing)."""
-    fn = collate_packed if packing else collate
-    return torch.utils.data.DataLoader(
-        dataset, batch_sampler=_Stream(sampler, start, stop), collate_fn=lambda ex: fn(ex, pad_id)
-    )
+    padded or packed (data.packing) into rows of at most row_tokens (data.max_length)."""
+    fn = (lambda ex: collate_packed(ex, pad_id, row_tokens=row_tokens)) if packing else (lambda ex: collate(ex, pad_id))
+    return torch.utils.data.DataLoader(dataset, batch_sampler=_Stream(sampler, start, stop), collate_fn=fn)
 
 
 def eval_batches(dataset, micro_batch_size: int, world_size: int, rank: int, pad_id: int, max_batches: int = 0):

@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kd.data import MicroBatchSampler, collate, collate_packed, conversation_rows
+from kd.data.batches import pack_rows
 from kd.errors import ConfigError
 from kd.forward import Distiller, head, isolates_packed_sequences, packing_leak, packing_refusal, teacher_forward
 from kd.loss import LossSpec
@@ -29,12 +30,27 @@ def examples(tok):
     return out
 
 
-def test_packed_equals_padded_rows_loss_and_gradients():
+@pytest.mark.parametrize("row_tokens", [None, 150, 100_000])  # the longest example's length, between, one row
+def test_packed_equals_padded_rows_loss_and_gradients(row_tokens):
     tok = load_tokenizer("builtin:tokenizer")
     exs = examples(tok)
-    padded, packed = collate(exs, tok.pad_token_id), collate_packed(exs)
-    assert torch.equal(padded["labels"], packed["labels"]) and packed["student_input_ids"].shape[0] == 1
-    assert packed["teacher_input_ids"].numel() == sum(len(e["teacher_ids"]) for e in exs)  # no padding at all
+    padded, packed = collate(exs, tok.pad_token_id), collate_packed(exs, tok.pad_token_id, row_tokens=row_tokens)
+    assert torch.equal(padded["labels"], packed["labels"])
+    for view in ("teacher", "student"):
+        lengths = [len(e[f"{view}_ids"]) for e in exs]
+        capacity = max(row_tokens or 0, max(lengths))
+        layout = pack_rows(lengths, capacity)
+        assert sorted(i for row in layout for i in row) == list(range(len(exs)))
+        assert all(sum(lengths[i] for i in row) <= capacity for row in layout)
+        assert (len(layout) == 1) == (row_tokens == 100_000)
+        ids, pos = packed[f"{view}_input_ids"], packed[f"{view}_position_ids"]
+        assert ids.shape == (len(layout), max(sum(lengths[i] for i in row) for row in layout))
+        for r, row in enumerate(layout):  # each example whole in one row, its positions from 0
+            at = 0
+            for i in row:
+                n = lengths[i]
+                assert ids[r, at:at + n].tolist() == exs[i][f"{view}_ids"] and pos[r, at:at + n].tolist() == list(range(n))
+                at += n
     teacher = AutoModelForCausalLM.from_pretrained(resolve("builtin:tiny-teacher")).eval()
     ht_pad, ht_pack = teacher_forward(teacher, padded), teacher_forward(teacher, packed)
     torch.testing.assert_close(ht_pack, ht_pad, rtol=1e-5, atol=1e-5)
@@ -146,3 +162,12 @@ def test_length_grouping_is_a_deterministic_reordering_of_the_epoch():
         assert pad(grouped) < 0.2 * pad(baseline)  # far less padding
     fresh = MicroBatchSampler(n, mb, world, 1, seed=3, accum=accum, lengths=lengths)
     assert [fresh.indices(k) for k in (250, 3, 777)] == [ranks[1].indices(k) for k in (250, 3, 777)]  # resumable
+
+
+def test_rows_are_as_few_as_first_fit_finds_and_balanced_under_their_capacity():
+    assert pack_rows([5, 3, 4, 2, 1], 6) == [[0], [2, 4], [1, 3]]  # 15 tokens need 3 rows of 6: rows of 5
+    assert pack_rows([6, 6], 6) == [[0], [1]] and pack_rows([1, 1, 1], 10) == [[0, 1, 2]]
+    # 8 short examples, 520 tokens, rows of at most 384: two rows of 285 and 235, not 384 + 136
+    lengths = [90, 80, 75, 70, 60, 55, 50, 40]
+    rows = pack_rows(lengths, 384)
+    assert len(rows) == 2 and max(sum(lengths[i] for i in r) for r in rows) == 285
