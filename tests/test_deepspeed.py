@@ -113,7 +113,9 @@ def test_zero3_killed_run_resumes_to_the_same_weights(small_data, tmp_path):
         f.write_bytes(evil)
         record["files"][str(f.relative_to(step))] = {"size": len(evil), "xxh3_128": file_digest(f)}
     (step / "checksums.json").write_text(json.dumps(record))
-    res = subprocess.run(ds_cmd(3, tiny_overrides(small_data, out, **extra)), cwd=ROOT, capture_output=True,
+    # a longer run, so the checkpoint is loaded (the finished run itself would only say it is finished)
+    longer = {**extra, "train.max_steps": extra["train.max_steps"] + 2, "train.resume_changes": "allow"}
+    res = subprocess.run(ds_cmd(3, tiny_overrides(small_data, out, **longer)), cwd=ROOT, capture_output=True,
                          text=True, timeout=900)
     # (the launcher exits 1 after the ranks exit 2, and adds its own report after our line)
     assert res.returncode != 0 and "kd: error:" in res.stderr and "refused to unpickle" in res.stderr, res.stderr[-3000:]

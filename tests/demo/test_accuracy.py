@@ -181,7 +181,7 @@ def test_cli_unknown_family_is_one_line_error(tmp_path):
         ({"prompt": "p", "family": "count"}, [], ":1: missing 'answer'"),
         ({"prompt": "p", "family": "count", "answer": "1"}, ["--teacher", "builtin:tiny-teacher"],
          ":1: missing 'response'"),
-        ({"prompt": "p", "family": "count", "answer": "1"}, ["--model", "/no/such/model"], "cannot load tokenizer"),
+        ({"prompt": "p", "family": "count", "answer": "1"}, ["--model", "/no/such/model"], "no such directory: /no/such/model"),
         (None, [], "input file not found"),
     ],
 )
