@@ -23,16 +23,18 @@ from kd import checkpoint, lora, rundir, samples
 from kd.cache.store import TeacherCache
 from kd.cache.teacher import CachedDistiller, cached_eval_sums
 from kd.config import Config, ConfigError, load_config, to_yaml
-from kd.data import MicroBatchSampler, build_datasets, eval_batches, example_lengths, real_tokens, train_loader
-from kd.distributed import (first_failure, gathered, global_sum, is_deepspeed, local_numel, make_accelerator,
+from kd.data import MicroBatchSampler, build_datasets, eval_batches, example_lengths, train_loader
+from kd.distributed import (first_failure, global_sum, is_deepspeed, local_numel, make_accelerator,
                             memory_gib, reset_peak_memory, shard_teacher, teacher_zero3_config, zero3_loading)
 from kd.forward import Distiller, eval_sums, head, packing_refusal, teacher_forward
-from kd.guard import NonFiniteError, culprit, teacher_broken, teacher_nonfinite
+from kd.guard import NonFiniteError
 from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
+from kd.objective import objective
 from kd.onpolicy import GenStats, OnPolicy
 from kd.preempt import StopRequest
 from kd.resume import recorded_state, schedule_after_resume
+from kd.step import Step
 from kd.tracking import Tracker
 
 
@@ -176,13 +178,16 @@ def train(cfg: Config) -> dict:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.train.seed)
     lock = open_run_dir(accelerator, cfg)
-    tracker = Tracker(accelerator, cfg)
     if cfg.train.on_nonfinite == "skip" and is_deepspeed(accelerator):
         raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
                           "backward); use stop")
     world, accum = accelerator.num_processes, cfg.train.grad_accum_steps
     tokenizer = load_tokenizers(cfg, check_teacher=not cfg.teacher.cache)
     vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
+    spec = LossSpec.from_config(cfg.loss, vocab)  # one set of loss options for training and eval
+    goal = objective(cfg, spec, world)
+    tracker = Tracker(accelerator, cfg, goal)
+    tracker.print(goal)
     train_set, eval_set, train_stats, eval_stats = build_datasets(cfg.data, tokenizer, cfg.train.seed,
                                                                   log=tracker.print)
     tracker.print(train_stats.summary("train data"))
@@ -206,7 +211,7 @@ def train(cfg: Config) -> dict:
     schedule_steps = schedule_after_resume(cfg, resume[1], world, total_steps, tracker.print) if resume \
         else total_steps
     if accelerator.is_main_process:
-        (Path(cfg.train.output_dir) / "config.yaml").write_text(to_yaml(cfg))
+        (Path(cfg.train.output_dir) / "config.yaml").write_text(f"# {goal}\n" + to_yaml(cfg))
 
     device_type = accelerator.device.type
     reset_peak_memory()  # the data build (tokenising) is not part of the training footprint
@@ -221,7 +226,6 @@ def train(cfg: Config) -> dict:
         tracker.print(lora.describe(student))
 
     cache = TeacherCache.open(cfg, tokenizer, train_set, eval_set) if cfg.teacher.cache else None
-    spec = LossSpec.from_config(cfg.loss, vocab)  # one set of loss options for training and eval
     distiller = CachedDistiller(student, spec) if cache else Distiller(student, spec)
     optimizer, scheduler = make_optimizer(distiller, cfg, schedule_steps, device_type)
     distiller, optimizer = accelerator.prepare(distiller, optimizer)
@@ -241,7 +245,6 @@ def train(cfg: Config) -> dict:
         teacher_outputs = functools.partial(teacher_forward, teacher)
         teacher_sums = functools.partial(eval_sums, teacher=teacher, spec=spec)
     student = accelerator.unwrap_model(distiller).student
-    use_teacher = spec.needs_teacher  # CE-only training never runs the teacher forward
     # onpolicy.fraction > 0: some micro-batches are the student's own answers, graded by the teacher;
     # a ZeRO-3 partitioned student decodes on all ranks together
     onpolicy = OnPolicy(cfg, tokenizer, synced=hasattr(next(student.parameters()), "ds_id")) \
@@ -269,32 +272,15 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()  # the STOP file is cleared before any rank looks for it
     batches = iter(train_loader(train_set, sampler, pad_id, step * accum, total_steps * accum, cfg.data.packing,
                                 cfg.data.max_length))
-    first_batch = True
+    run_step = Step(accelerator, distiller, teacher_outputs, teacher_head, onpolicy=onpolicy,
+                    rows_of=lambda k: [train_set[j] for j in sampler.indices(k)], accum=accum,
+                    use_teacher=spec.needs_teacher,  # CE-only training never runs the teacher forward
+                    max_grad_norm=cfg.optim.max_grad_norm, status=tracker.status)
 
     while step < total_steps:
         t0 = time.perf_counter()
-        micro = [next(batches) for _ in range(accum)]
-        # Which micro-batches the student answers itself: a function of (seed, step, index), the
-        # same on every rank, so all generate and run the teacher alike (collective under ZeRO-3).
-        on = [onpolicy is not None and onpolicy.active(step, i) for i in range(accum)]
-        gen = GenStats()
-        if any(on):
-            with accelerator.autocast():
-                for i in (i for i in range(accum) if on[i]):
-                    tracker.status(f"step {step + 1}: the student answers micro-batch {i + 1}/{accum}")
-                    rows = [train_set[j] for j in sampler.indices(step * accum + i)]
-                    micro[i], made = onpolicy.batch(student, rows, step, i, accelerator.process_index)
-                    gen.add(made)
-        # Normalise by the response tokens of the whole optimizer step on all ranks (generated ones
-        # included), known before any backward: (micro 8, accum 1) and (micro 2, accum 4) and 2
-        # ranks give equal gradients. The stop flag rides on the same all-reduce, so all ranks agree
-        # on the step they stop at.
-        counts = global_sum(accelerator, [sum(b["labels"].numel() for b in micro),
-                                          sum(real_tokens(b) for b in micro),
-                                          float(stop.requested),
-                                          sum(b["labels"].numel() for b, o in zip(micro, on) if o),
-                                          gen.sequences, gen.tokens, gen.by_length, gen.seconds])
-        if counts[2] > 0:
+        out = run_step(step, [next(batches) for _ in range(accum)], stop.requested)
+        if out.stopped:
             save(step)
             tracker.print(f"stop requested ({stop.reason() or 'on another rank'}): checkpoint at "
                           f"step {step} saved; rerun the same command to resume")
@@ -302,43 +288,8 @@ def train(cfg: Config) -> dict:
             stop.close()
             lock.release()
             return {"step": step, "stopped": True}
-        micro = [{k: v.to(accelerator.device, non_blocking=True) for k, v in b.items()} for b in micro]
-        n_global = max(counts[0].item(), 1.0)
-        sums = torch.zeros(5, device=accelerator.device)  # weighted, ce, kd (off-policy), teacher bad, kd on-policy
-        forward_bad = None
-        for i, batch in enumerate(micro):
-            # accumulate(): gradients are all-reduced (DDP) or the engine steps (DeepSpeed) only on
-            # the last micro-batch; backward divides by accum and ranks average, hence the factor
-            with accelerator.accumulate(distiller):
-                with accelerator.autocast():
-                    t_out = teacher_outputs(batch) if use_teacher or on[i] else None
-                if first_batch and t_out is not None:  # a broken teacher is named at once
-                    with gathered(getattr(teacher_head, "weight", None)):
-                        broken = teacher_broken(t_out, getattr(teacher_head, "weight", None))
-                    if global_sum(accelerator, [broken])[0] > 0:
-                        raise NonFiniteError(f"step {step + 1}: the teacher's outputs are non-finite (NaN/inf) on "
-                                             f"the first batch; check the teacher's weights and dtype")
-                    first_batch = False
-                with gathered(getattr(teacher_head, "weight", None)):
-                    parts = distiller(batch, t_out, teacher_head, onpolicy.spec if on[i] else None)
-                loss = parts["weighted_sum"] * onpolicy.cfg.weight if on[i] else parts["weighted_sum"]
-                zero = torch.zeros((), device=sums.device)
-                sums += torch.stack([loss.detach(), zero if on[i] else parts["ce_sum"],
-                                     zero if on[i] else parts["kd_sum"], teacher_nonfinite(t_out).to(sums.device),
-                                     parts["kd_sum"] if on[i] else zero]).float()
-                if i == accum - 1:
-                    # The step's loss parts on all ranks, before the last backward (under DeepSpeed
-                    # the engine steps inside it): a non-finite forward is never stepped.
-                    totals = global_sum(accelerator, sums).tolist()
-                    forward_bad = culprit(totals[3], totals[:3] + totals[4:])
-                    if forward_bad:
-                        break
-                accelerator.backward(loss * (world * accum / n_global))
-        grad_norm = None
-        if not forward_bad:
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(distiller.parameters(), max_norm))  # DeepSpeed: its own
-        bad = forward_bad or (None if math.isfinite(grad_norm) else "the gradients")
+        counts, totals, on, gen, grad_norm, bad, n_global = (out.counts, out.totals, out.on, out.gen, out.grad_norm,
+                                                              out.bad, out.n_global)
         lr = scheduler.get_last_lr()[0]
         if bad and (cfg.train.on_nonfinite == "stop" or skipped_in_row + 1 >= cfg.train.max_skipped_steps):
             tracker.finish()
