@@ -30,6 +30,7 @@ from kd.config import Config, OnPolicyConfig
 from kd.data.batches import collate, collate_packed
 from kd.data.views import Views
 from kd.loss import LossSpec
+from kd.objective import onpolicy_spec
 from kd.samples import generate_ids, stop_ids
 
 
@@ -85,8 +86,7 @@ class OnPolicy:
         self.cfg, self.seed = cfg.onpolicy, cfg.train.seed
         self.max_length, self.packing, self.pad_id = cfg.data.max_length, cfg.data.packing, tokenizer.pad_token_id
         # the divergence alone on student samples (no gold labels): alpha = 0
-        self.spec = LossSpec.from_config(cfg.loss, len(tokenizer)).replace(alpha=0.0,
-                                                                           divergence=cfg.onpolicy.divergence)
+        self.spec = onpolicy_spec(LossSpec.from_config(cfg.loss, len(tokenizer)), cfg)
         self.generator = generator or StudentGenerator(tokenizer, cfg.onpolicy, synced)
 
     def active(self, step: int, micro: int) -> bool:

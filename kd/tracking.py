@@ -15,7 +15,7 @@ from kd.config import Config, flat_dict
 
 
 class Tracker:
-    def __init__(self, accelerator, cfg: Config):
+    def __init__(self, accelerator, cfg: Config, objective: str = ""):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.out = Path(cfg.train.output_dir)
@@ -28,7 +28,7 @@ class Tracker:
                 init["name"] = cfg.log.run_name
             if cfg.log.entity:
                 init["entity"] = cfg.log.entity
-            accelerator.init_trackers(cfg.log.project, config=flat_dict(cfg), init_kwargs={"wandb": init})
+            accelerator.init_trackers(cfg.log.project, config={**flat_dict(cfg), "objective": objective}, init_kwargs={"wandb": init})
 
     def _run_id(self) -> str:
         """One W&B run per output_dir, so a resumed run continues the same charts; under a sweep

@@ -37,6 +37,9 @@ def test_cli_run_writes_config_metrics_checkpoints_and_a_loadable_student(small_
 
     cfg = (out / "config.yaml").read_text()
     assert "temperature: 2.0" in cfg and "divergence: jsd" in cfg
+    # what is optimised, stated at start and on config.yaml's first line
+    goal = "objective: 0.5·CE + 0.5·T²(=4)·JSD(β=0.5)(teacher, student) at T=2 per target token"
+    assert cfg.startswith(f"# {goal}") and res.stdout.startswith(goal)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for key in ("train/loss", "train/ce", "train/kd", "train/lr", "train/grad_norm", "train/tokens_per_s",
@@ -234,11 +237,15 @@ def test_wandb_offline_tracking_with_sample_generations(small_data, tmp_path):
         "log.samples": 2, "log.sample_max_new_tokens": 12})])
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    # the run config (in the offline run's record file) carries the objective line
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    assert "objective: 0.5·CE + 0.5·T²(=4)·KL(teacher‖student) at T=2".encode() in record
     assert runs[0].name.endswith((out / "wandb_run_id").read_text())  # resumes continue the same run
     assert res.stdout.count("eval ce") == 2  # one console line per evaluation
 
     # samples.jsonl: each evaluation's greedy answers of the student, in its (erased) view
-    from kd.tools.generate import generate_texts, prompt_messages
+    from kd.tools.generation import generate_texts
+    from kd.tools.prompt_records import prompt_messages
 
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["example"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (2, 1)]

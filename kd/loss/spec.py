@@ -8,6 +8,7 @@ place and no call site can pass one loss a different temperature than another.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
@@ -67,6 +68,30 @@ class LossSpec:
     def replace(self, **changes) -> "LossSpec":
         """A copy with some fields changed (e.g. alpha=1.0 for a CE-only pass)."""
         return dataclasses.replace(self, **changes)
+
+    def divergence_text(self) -> str:
+        """D in words, endpoints resolved as the losses resolve them."""
+        d, b, k = self.divergence, self.beta, self.skew
+        if d == "forward_kl" or (d == "jsd" and b == 0.0) or (d == "skew_forward_kl" and k == 0.0):
+            return "KL(teacher‖student)"
+        if d == "reverse_kl" or (d == "jsd" and b == 1.0) or (d == "skew_reverse_kl" and k == 0.0):
+            return "KL(student‖teacher)"
+        if d == "jsd":
+            return f"JSD(β={b:g})(teacher, student)"
+        if d == "skew_forward_kl":
+            return f"KL(teacher‖{k:g}·teacher+{1 - k:g}·student)"
+        if d == "skew_reverse_kl":
+            return f"KL(student‖{k:g}·student+{1 - k:g}·teacher)"
+        return "TVD(teacher, student)"
+
+    def describe(self) -> str:
+        """The per-token objective in words and numbers, its coefficients read back from mix()."""
+        ce, kd = self.mix(1.0, 0.0), self.mix(0.0, 1.0)
+        T = self.temperature
+        kd_text = f"{1.0 - self.alpha:g}·T²(={T * T:g})·{self.divergence_text()} at T={T:g}"
+        assert math.isclose(kd, (1.0 - self.alpha) * T * T)  # the words are the loss's own coefficients
+        parts = ([f"{ce:g}·CE"] if ce else []) + ([kd_text] if kd else [])
+        return " + ".join(parts)
 
     def mix(self, ce_sum, kd_sum):
         """The loss convention in one place: alpha * CE + (1 - alpha) * T^2 * D."""
