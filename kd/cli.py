@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None, prog: str = "kd.train",
     """--config FILE plus config overrides -> (config path or None, overrides)."""
     ap = argparse.ArgumentParser(prog=prog, description=description,
                                  epilog="Overrides: key=value or --key=value, e.g. loss.temperature=2.0")
-    ap.add_argument("--config", help="YAML file with config values (see kd/config.py)")
+    ap.add_argument("--config", help="YAML file with config values (see kd/config/schema.py)")
     args, rest = ap.parse_known_args(argv)
     return args.config, split_overrides(rest)
 

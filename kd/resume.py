@@ -9,8 +9,36 @@ continues at lr * min_lr_ratio; with `allow` the cosine is stretched to the new 
 
 from __future__ import annotations
 
-from kd.config import Config, added_at_default, flat_dict, trajectory_changes
+from typing import Any
+
+from kd.config import Config, flat_dict, flat_dict_defaults
 from kd.errors import ConfigError
+
+# Keys that cannot change what a resumed run computes: everything else is part of the trajectory.
+RESUME_FREE = ("train.output_dir", "train.eval_every", "train.eval_max_batches", "train.save_every",
+               "train.keep_checkpoints", "train.resume", "train.export", "train.resume_changes",
+               "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "data.store", "teacher.zero3",
+               "teacher.offload",
+               "log.")
+
+
+def trajectory_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every changed key that alters the trajectory, from two flat dicts
+    (flat_dict of the recorded and of the current config). train.max_steps is included."""
+    out, fresh = [], set(added_at_default(old, new))
+    for key in sorted(old.keys() | new.keys()):
+        if key in fresh or any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE):
+            continue
+        if old.get(key) != new.get(key):
+            out.append((key, old.get(key), new.get(key)))
+    return out
+
+
+def added_at_default(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys a recorded config lacks (it predates them) that this run leaves at their default:
+    not a change of trajectory, so an older checkpoint still resumes."""
+    defaults = flat_dict_defaults()
+    return sorted(k for k in new.keys() - old.keys() if k in defaults and repr(new[k]) == defaults[k])
 
 
 def recorded_state(cfg: Config, step: int, world: int, total_steps: int, schedule_steps: int, skipped: int) -> dict:

@@ -1,21 +1,13 @@
-"""Typed configuration: dataclasses grouped by concern, values in YAML, one override grammar.
-
-    python -m kd.train --config configs/demo.yaml loss.temperature=2.0 --train.max_steps=50
-
-Both `a.b=v` and `--a.b=v` are accepted (the second is what a W&B sweep agent passes).
-Merging and type checks are OmegaConf's structured configs; `__post_init__` checks values.
-Unknown keys and wrong types raise `ConfigError` with a one-line message naming the key.
-"""
+"""The config schema: typed dataclasses grouped by concern, each field's doc string under it
+(docs/config.md's reference table is made from them), values checked in `__post_init__`; and the schema's
+own introspection (every dotted key, the list-typed ones, the defaults)."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from kd.errors import ConfigError
 from kd.loss.spec import DIVERGENCES
@@ -413,26 +405,6 @@ def _choice(key: str, value: str, allowed) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
 
 
-# Keys that cannot change what a resumed run computes: everything else is part of the trajectory.
-RESUME_FREE = ("train.output_dir", "train.eval_every", "train.eval_max_batches", "train.save_every",
-               "train.keep_checkpoints", "train.resume", "train.export", "train.resume_changes",
-               "train.on_nonfinite", "train.max_skipped_steps", "data.num_proc", "data.store", "teacher.zero3",
-               "teacher.offload",
-               "log.")
-
-
-def trajectory_changes(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(key, old, new) for every changed key that alters the trajectory, from two flat dicts
-    (flat_dict of the recorded and of the current config). train.max_steps is included."""
-    out, fresh = [], set(added_at_default(old, new))
-    for key in sorted(old.keys() | new.keys()):
-        if key in fresh or any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FREE):
-            continue
-        if old.get(key) != new.get(key):
-            out.append((key, old.get(key), new.get(key)))
-    return out
-
-
 def _leaves(cls=Config, prefix: str = ""):
     """(dotted key, dataclass, field name) for every leaf of the schema, nested groups walked."""
     for f in fields(cls):
@@ -443,13 +415,6 @@ def _leaves(cls=Config, prefix: str = ""):
             yield prefix + f.name, cls, f.name
 
 
-def added_at_default(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys a recorded config lacks (it predates them) that this run leaves at their default:
-    not a change of trajectory, so an older checkpoint still resumes."""
-    defaults = flat_dict_defaults()
-    return sorted(k for k in new.keys() - old.keys() if k in defaults and repr(new[k]) == defaults[k])
-
-
 def _list_keys() -> list[str]:
     return [key for key, cls, name in _leaves()
             if str(next(f.type for f in fields(cls) if f.name == name)).startswith("list")]
@@ -458,125 +423,6 @@ def _list_keys() -> list[str]:
 def all_keys() -> list[str]:
     """Every dotted key of the config schema, e.g. ['teacher.name_or_path', ..., 'student.lora.rank']."""
     return [key for key, _, _ in _leaves()]
-
-
-def _explain(exc: OmegaConfBaseException, where: str) -> str:
-    key = getattr(exc, "full_key", None) or ""
-    msg = getattr(exc, "msg", None) or str(exc).splitlines()[0]
-    if type(exc).__name__ == "ConfigKeyError" or "not in" in msg:
-        known = all_keys() if "." in key else [f.name for f in fields(Config)]
-        hint = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        return f"unknown config key '{key}'{where}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-    return f"bad value for '{key}'{where}: {msg.splitlines()[0]}"
-
-
-def _normalise_override(arg: str) -> str:
-    a = arg[2:] if arg.startswith("--") else arg
-    if "=" not in a:
-        raise ConfigError(f"override {arg!r} must look like key=value or --key=value")
-    return a
-
-
-_ABSENT = object()
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """YAML file (optional) + dotted overrides -> validated `Config`."""
-    schema = OmegaConf.structured(Config)
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append((OmegaConf.load(path), f" in {path}"))
-        except Exception as e:  # YAML syntax errors
-            raise ConfigError(f"cannot parse {path}: {' '.join(str(e).split())[:300]}") from None
-    if overrides:
-        dotlist = [_normalise_override(o) for o in overrides]
-        try:
-            layers.append((OmegaConf.from_dotlist(dotlist), " (command line)"))
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
-    for layer, where in layers:
-        for key in _list_keys():  # one path where a list is expected: a list of one; null: none
-            value = OmegaConf.select(layer, key, default=_ABSENT, throw_on_missing=False)
-            if isinstance(value, str) or value is None:
-                OmegaConf.update(layer, key, [] if value is None else [value], merge=False)
-        try:
-            schema = OmegaConf.merge(schema, layer)
-        except OmegaConfBaseException as e:
-            raise ConfigError(_explain(e, where)) from None
-    if overrides:  # the run length chosen on the command line wins over the file's other one
-        given = {k for k in ("train.max_steps", "train.epochs")
-                 if OmegaConf.select(layers[-1][0], k, default=None) is not None}
-        if len(given) == 1:
-            other = ({"train.max_steps", "train.epochs"} - given).pop()
-            OmegaConf.update(schema, other, None, merge=False)
-    missing = sorted(OmegaConf.missing_keys(schema))
-    if missing:
-        raise ConfigError(f"missing required config key '{missing[0]}'")
-    try:
-        return OmegaConf.to_object(schema)
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, "")) from None
-
-
-def from_flat(flat: dict[str, Any]) -> Config:
-    """The Config of a flat {dotted key: value} record (trainer_state.json's); keys this version
-    no longer has are skipped."""
-    known, nested = set(all_keys()), {}
-    for key, value in flat.items():
-        if key not in known:
-            continue
-        *parents, leaf = key.split(".")
-        node = nested
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), nested))
-    except OmegaConfBaseException as e:
-        raise ConfigError(_explain(e, " (recorded config)")) from None
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-
-
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def flat_dict(cfg: Config) -> dict[str, Any]:
-    """{'loss.alpha': 0.5, ...}: what trackers show as run config columns."""
-    out = {}
-
-    def walk(d, prefix):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, prefix + k + ".")
-            else:
-                out[prefix + k] = v
-
-    walk(to_dict(cfg), "")
-    return out
-
-
-def reference() -> list[tuple[str, str, str]]:
-    """(key, default, doc) for every leaf, docs taken from the string under each field."""
-    import ast
-    import inspect
-
-    docs: dict[tuple[str, str], str] = {}
-    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        body = cls.body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[(cls.name, node.target.id)] = " ".join(str(nxt.value.value).split())
-    defaults = flat_dict_defaults()
-    return [(key, defaults[key], docs.get((cls.__name__, name), "")) for key, cls, name in _leaves()]
 
 
 def flat_dict_defaults() -> dict[str, str]:
@@ -590,9 +436,3 @@ def flat_dict_defaults() -> dict[str, str]:
         node = OmegaConf.select(c, key)
         out[key] = repr(node if not OmegaConf.is_config(node) else OmegaConf.to_container(node))
     return out
-
-
-if __name__ == "__main__":  # python -m kd.config: the reference table in README
-    print("| key | default | meaning |\n|---|---|---|")
-    for key, default, doc in reference():
-        print(f"| `{key}` | `{default}` | {doc.replace('|', '&#124;')} |")

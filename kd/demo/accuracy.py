@@ -24,14 +24,9 @@ from pathlib import Path
 
 from kd.cli import one_line_errors, quiet_libraries
 from kd.demo import tasks
-from kd.tools.generate import (
-    ArgParser,
-    add_common_args,
-    generate_for_records,
-    load_for_generation,
-    make_state,
-    read_records,
-)
+from kd.tools.generate import ArgParser, add_common_args
+from kd.tools.generation import generate_for_records, load_for_generation, make_state
+from kd.tools.prompt_records import read_records
 
 _FAMILY_ORDER = {f: i for i, f in enumerate(tasks.FAMILIES)}
 _STRATEGY_ORDER = {s: i for i, s in enumerate(tasks.STRATEGIES)}

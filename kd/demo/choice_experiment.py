@@ -78,7 +78,7 @@ def token_stats(model, tok, records: list[dict], system_mode: str, batch_size: i
     from kd.data import collate
     from kd.data.views import conversation_rows
     from kd.forward import fp32_logits, head, response_hidden
-    from kd.tools.generate import GENERIC_SYSTEM
+    from kd.tools.prompt_records import GENERIC_SYSTEM
 
     out = {"entropy": [], "top1_prob": [], "correct": [], "choice": []}
     rows, flags = [], []
@@ -126,7 +126,8 @@ def ece(top1_prob: list[float], correct: list[bool], bins: int = 10) -> float:
 
 def teacher_samples(s: dict, records: list[dict], seed: int, path: Path, log) -> list[dict]:
     """One teacher sample per record (strategy view, T = s.sampling.temperature), cached by settings."""
-    from kd.tools.generate import Sampling, generate_for_records, write_jsonl_atomic
+    from kd.tools.generation import Sampling, generate_for_records
+    from kd.tools.shards import write_jsonl_atomic
 
     g = s["sampling"]
     key = digest([s["teacher"], model_digest(s["teacher"]), [r["prompt"] for r in records], g, seed])
@@ -146,7 +147,7 @@ def teacher_samples(s: dict, records: list[dict], seed: int, path: Path, log) ->
 
 def validity(model, tok, records: list[dict], mode: str, e: dict, temperature: float = 0.0, seed: int = 0) -> dict:
     from kd.demo import choice
-    from kd.tools.generate import Sampling, generate_for_records
+    from kd.tools.generation import Sampling, generate_for_records
 
     texts = generate_for_records(model, tok, records, mode, e["batch_size"], e["max_new_tokens"],
                                  sampling=Sampling(temperature, 1.0, 1, seed))

@@ -43,7 +43,8 @@ from kd.demo.runs import ROOT, digest, load, load_settings, model_digest, read_j
 def make_teacher_data(s: dict, out: Path, log) -> tuple[Path, dict]:
     """Teacher's greedy responses (strategy instructions shown) over the training prompts."""
     from kd.demo import tasks
-    from kd.tools.generate import generate_for_records, write_jsonl_atomic
+    from kd.tools.generation import generate_for_records
+    from kd.tools.shards import write_jsonl_atomic
 
     records = read_jsonl(ROOT / s["train_prompts"], s.get("train_limit"))
     key = digest([s["teacher"], model_digest(s["teacher"]), s["train_prompts"], s.get("train_limit"), s["generation"]])
@@ -266,7 +267,7 @@ def main(argv=None) -> None:
     evals = read_jsonl(ROOT / s["eval_data"], s["eval"].get("limit"))
     eval_file = ROOT / s["eval_data"]
     if s["eval"].get("limit"):  # the trainer's own eval metrics use the same (limited) problems
-        from kd.tools.generate import write_jsonl_atomic
+        from kd.tools.shards import write_jsonl_atomic
 
         eval_file = out / "data" / "eval.jsonl"
         write_jsonl_atomic(eval_file, evals)

@@ -55,7 +55,7 @@ def model_digest(name: str) -> str:
 def load(name: str):
     import torch
 
-    from kd.tools.generate import load_for_generation
+    from kd.tools.generation import load_for_generation
 
     return load_for_generation(name, "float32", torch.device("cpu"))
 

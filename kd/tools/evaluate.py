@@ -34,20 +34,10 @@ from pathlib import Path
 
 from kd.cli import one_line_errors, quiet_libraries
 from kd.errors import DataError, KDError, ModelError
-from kd.tools.generate import (
-    GENERIC_SYSTEM,
-    ArgParser,
-    Sampling,
-    _positive,
-    add_common_args,
-    add_sampling_args,
-    generate_for_records,
-    make_state,
-    read_records,
-    sampling_from,
-    shard,
-    write_jsonl_atomic,
-)
+from kd.tools.generate import ArgParser, _positive, add_common_args, add_sampling_args, sampling_from
+from kd.tools.generation import Sampling, generate_for_records, make_state
+from kd.tools.prompt_records import GENERIC_SYSTEM, read_records
+from kd.tools.shards import shard, write_jsonl_atomic
 
 # --------------------------------------------------------------------------- records
 

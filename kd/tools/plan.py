@@ -5,7 +5,7 @@ logits for a config and a topology, from the model configs alone (no weights are
 
 The model is a sum of terms, each stated in the output; DeepSpeed's own buffers are approximated
 by its bucket sizes and a fixed runtime reserve. Validated against measured peaks (see
-tests/test_plan.py and README "Running on GPU nodes").
+tests/test_plan.py and docs/gpu.md).
 """
 
 from __future__ import annotations

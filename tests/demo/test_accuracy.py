@@ -117,7 +117,7 @@ def tiny():
     """(tokenizer, teacher, student) builtin models on CPU, fp32."""
     import torch
 
-    from kd.tools.generate import load_for_generation
+    from kd.tools.generation import load_for_generation
 
     tok, teacher = load_for_generation("builtin:tiny-teacher", "float32", torch.device("cpu"))
     _, student = load_for_generation("builtin:tiny-student", "float32", torch.device("cpu"))

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ACCELERATE, PY, ROOT, free_port
 from kd.tools import generate as gen
+from kd.tools import generation, prompt_records, shards
 from kd.errors import DataError
 from kd.integrity import source_identity
 from kd.demo.tasks import GENERIC_SYSTEM
@@ -42,7 +43,7 @@ def teacher():
     """(tokenizer, model) of builtin:tiny-teacher, built once into the session's KD_HOME."""
     import torch
 
-    tok, model = gen.load_for_generation("builtin:tiny-teacher", "float32", torch.device("cpu"))
+    tok, model = generation.load_for_generation("builtin:tiny-teacher", "float32", torch.device("cpu"))
     return tok, model
 
 
@@ -52,46 +53,46 @@ def teacher():
 def test_prompt_messages_per_system_mode():
     rec = {"system": "Solve step by step.", "prompt": "What is 1 + 2?"}
     user = {"role": "user", "content": "What is 1 + 2?"}
-    assert gen.prompt_messages(rec, "strategy") == [{"role": "system", "content": "Solve step by step."}, user]
-    assert gen.prompt_messages(rec, "generic") == [{"role": "system", "content": GENERIC_SYSTEM}, user]
-    assert gen.prompt_messages(rec, "none") == [user]
-    assert gen.prompt_messages({"prompt": "What is 1 + 2?"}, "strategy") == [user]  # no instruction to show
+    assert prompt_records.prompt_messages(rec, "strategy") == [{"role": "system", "content": "Solve step by step."}, user]
+    assert prompt_records.prompt_messages(rec, "generic") == [{"role": "system", "content": GENERIC_SYSTEM}, user]
+    assert prompt_records.prompt_messages(rec, "none") == [user]
+    assert prompt_records.prompt_messages({"prompt": "What is 1 + 2?"}, "strategy") == [user]  # no instruction to show
     with pytest.raises(ValueError):
-        gen.prompt_messages(rec, "teacher")
+        prompt_records.prompt_messages(rec, "teacher")
 
 
 @pytest.mark.parametrize("n,world", [(0, 2), (1, 2), (7, 2), (7, 3), (5, 8)])
 def test_unshard_inverts_shard(n, world):
     items = list(range(n))
-    assert gen.unshard([gen.shard(items, r, world) for r in range(world)], n) == items
+    assert shards.unshard([shards.shard(items, r, world) for r in range(world)], n) == items
 
 
 def test_unshard_rejects_a_short_shard():
     with pytest.raises(RuntimeError, match="rank 1"):
-        gen.unshard([[0, 2], [1]], 4)
+        shards.unshard([[0, 2], [1]], 4)
 
 
 def test_read_records_errors_name_file_and_line(tmp_path):
     p = tmp_path / "in.jsonl"
     with pytest.raises(DataError, match="not found"):
-        gen.read_prompts(str(tmp_path / "nope.jsonl"))
+        prompt_records.read_prompts(str(tmp_path / "nope.jsonl"))
     p.write_text('{"prompt": "a"}\n\n{"prompt": "b"\n')
     with pytest.raises(DataError, match=rf"{p}:3: invalid JSON"):
-        gen.read_prompts(str(p))
+        prompt_records.read_prompts(str(p))
     p.write_text('{"prompt": "a"}\n{"response": "b"}\n')
     with pytest.raises(DataError, match=rf"{p}:2: missing 'prompt'"):
-        gen.read_prompts(str(p))
+        prompt_records.read_prompts(str(p))
     p.write_text('{"prompt": 3}\n')
     with pytest.raises(DataError, match="not a string: 'prompt'"):
-        gen.read_prompts(str(p))
+        prompt_records.read_prompts(str(p))
     p.write_text('[1, 2]\n')
     with pytest.raises(DataError, match="JSON object"):
-        gen.read_prompts(str(p))
+        prompt_records.read_prompts(str(p))
     p.write_text("\n\n")
     with pytest.raises(DataError, match="no records"):
-        gen.read_prompts(str(p))
+        prompt_records.read_prompts(str(p))
     p.write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": 5}\n')
-    assert [r["prompt"] for r in gen.read_prompts(str(p), limit=2)] == ["a", "b"]  # limit stops before row 3
+    assert [r["prompt"] for r in prompt_records.read_prompts(str(p), limit=2)] == ["a", "b"]  # limit stops before row 3
 
 
 # --------------------------------------------------------------------------- generation
@@ -102,13 +103,13 @@ def test_batched_generation_equals_unbatched(teacher):
     step-by-step instructions, generic and no system) in one batch give what each gives alone."""
     tok, model = teacher
     recs = eval_records(6)
-    convs = [gen.prompt_messages(r, mode) for r, mode in zip(recs, ["strategy", "none", "generic"] * 2)]
+    convs = [prompt_records.prompt_messages(r, mode) for r, mode in zip(recs, ["strategy", "none", "generic"] * 2)]
     texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
     lengths = {len(tok(t)["input_ids"]) for t in texts}
     assert len(lengths) > 3 and max(lengths) > 2 * min(lengths)
     side = tok.padding_side
-    one = [gen.generate_texts(model, tok, [c], batch_size=1, max_new_tokens=12)[0] for c in convs]
-    batched = gen.generate_texts(model, tok, convs, batch_size=4, max_new_tokens=12)
+    one = [generation.generate_texts(model, tok, [c], batch_size=1, max_new_tokens=12)[0] for c in convs]
+    batched = generation.generate_texts(model, tok, convs, batch_size=4, max_new_tokens=12)
     assert batched == one
     assert tok.padding_side == side  # padding is done by hand, the shared tokenizer is untouched
     assert len(set(one)) > 1  # the outputs depend on the prompt, so an order mix-up would show
@@ -116,10 +117,10 @@ def test_batched_generation_equals_unbatched(teacher):
 
 def test_generation_stops_at_eos_and_strips_specials(teacher):
     tok, model = teacher
-    [text] = gen.generate_texts(model, tok, [gen.prompt_messages(eval_records(1)[0], "strategy")], max_new_tokens=5)
+    [text] = generation.generate_texts(model, tok, [prompt_records.prompt_messages(eval_records(1)[0], "strategy")], max_new_tokens=5)
     assert isinstance(text, str) and "<|im_end|>" not in text and "<pad>" not in text and text == text.strip()
-    assert gen._stop_ids(model, tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
-    assert gen.generate_texts(model, tok, [], max_new_tokens=5) == []
+    assert generation._stop_ids(model, tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert generation.generate_texts(model, tok, [], max_new_tokens=5) == []
 
 
 def test_cli_writes_one_record_per_input_in_order(tmp_path, capsys):
@@ -192,19 +193,19 @@ def test_every_record_format_gives_the_conversation_to_answer_and_takes_the_answ
     user = {"role": "user", "content": "Hi?"}
     chat = {"messages": [{"role": "system", "content": "S"}, user, {"role": "assistant", "content": "old"},
                          {"role": "user", "content": "And?"}]}
-    assert gen.prompt_messages(chat, "strategy") == [{"role": "system", "content": "S"}, *chat["messages"][1:]]
-    assert gen.prompt_messages(chat, "none") == chat["messages"][1:]
-    out = gen.with_response(chat, "new")
+    assert prompt_records.prompt_messages(chat, "strategy") == [{"role": "system", "content": "S"}, *chat["messages"][1:]]
+    assert prompt_records.prompt_messages(chat, "none") == chat["messages"][1:]
+    out = prompt_records.with_response(chat, "new")
     assert out["messages"][-1] == {"role": "assistant", "content": "new"} and len(out["messages"]) == 5
     answered = {"messages": [user, {"role": "assistant", "content": "old"}]}
-    assert gen.prompt_messages(answered, "none") == [user]  # the last assistant turn is answered anew
-    assert gen.with_response(answered, "new")["messages"] == [user, {"role": "assistant", "content": "new"}]
+    assert prompt_records.prompt_messages(answered, "none") == [user]  # the last assistant turn is answered anew
+    assert prompt_records.with_response(answered, "new")["messages"] == [user, {"role": "assistant", "content": "new"}]
     share = {"conversations": [{"from": "human", "value": "Hi?"}], "id": 7}
-    assert gen.prompt_messages(share, "generic") == [{"role": "system", "content": GENERIC_SYSTEM}, user]
-    assert gen.with_response(share, "x") == {"conversations": [{"from": "human", "value": "Hi?"},
+    assert prompt_records.prompt_messages(share, "generic") == [{"role": "system", "content": GENERIC_SYSTEM}, user]
+    assert prompt_records.with_response(share, "x") == {"conversations": [{"from": "human", "value": "Hi?"},
                                                                {"from": "gpt", "value": "x"}], "id": 7}
-    assert gen.with_response({"prompt": "Hi?"}, "x") == {"prompt": "Hi?", "response": "x"}
-    assert gen._promptable({"messages": [{"role": "assistant", "content": "a"}]}).startswith(
+    assert prompt_records.with_response({"prompt": "Hi?"}, "x") == {"prompt": "Hi?", "response": "x"}
+    assert prompt_records._promptable({"messages": [{"role": "assistant", "content": "a"}]}).startswith(
         "message 1 is an assistant turn before any user message")
 
 
@@ -212,18 +213,18 @@ def test_sampling_is_seeded_and_differs_from_greedy(teacher):
     import torch
 
     tok, model = teacher
-    convs = [gen.prompt_messages(r, "strategy") for r in eval_records(3)]
-    hot = gen.Sampling(temperature=1.5, top_p=0.95, n=3, seed=1)
-    a = gen.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8, sampling=hot)
+    convs = [prompt_records.prompt_messages(r, "strategy") for r in eval_records(3)]
+    hot = generation.Sampling(temperature=1.5, top_p=0.95, n=3, seed=1)
+    a = generation.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8, sampling=hot)
     torch.manual_seed(123)  # the process's own RNG state plays no part
-    b = gen.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8, sampling=hot)
+    b = generation.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8, sampling=hot)
     assert a == b and all(len(s) == 3 for s in a)
-    c = gen.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8,
-                             sampling=gen.Sampling(temperature=1.5, top_p=0.95, n=3, seed=2))
+    c = generation.generate_samples(model, tok, convs, batch_size=2, max_new_tokens=8,
+                             sampling=generation.Sampling(temperature=1.5, top_p=0.95, n=3, seed=2))
     assert c != a
     assert len({t for s in a for t in s}) > 3  # the samples differ from each other
     with pytest.raises(gen.KDError, match="temperature > 0"):
-        gen.Sampling(n=2)
+        generation.Sampling(n=2)
 
 
 def test_cli_on_messages_with_a_chat_template_for_a_base_model(tmp_path, capsys):
@@ -269,8 +270,8 @@ def test_an_interrupted_run_resumes_without_duplicating_records(tmp_path, capsys
                 "num_samples": 1, "seed": 0, "input_content": source_identity(str(src))}
     shard = tmp_path / ".out.jsonl.shard-0-of-1.jsonl"
     (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps(settings))
-    damaged = gen._shard_line(2, ["damaged"]).replace("damaged", "tampered")  # fails its checksum
-    shard.write_text(gen._shard_line(3, ["kept"]) + damaged + gen._shard_line(0, ["kept too"]) + '{"index": 1, "te')
+    damaged = shards._shard_line(2, ["damaged"]).replace("damaged", "tampered")  # fails its checksum
+    shard.write_text(shards._shard_line(3, ["kept"]) + damaged + shards._shard_line(0, ["kept too"]) + '{"index": 1, "te')
     capsys.readouterr()
     gen.main(args)
     err = capsys.readouterr().err
@@ -281,13 +282,13 @@ def test_an_interrupted_run_resumes_without_duplicating_records(tmp_path, capsys
         "kept too", full[1]["response"], full[2]["response"], "kept", full[4]["response"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
     # other settings: the leftovers are not mixed in
-    shard.write_text(gen._shard_line(3, ["stale"]))
+    shard.write_text(shards._shard_line(3, ["stale"]))
     (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps({**settings, "max_new_tokens": 9}))
     gen.main(args)
     assert "starting afresh" in capsys.readouterr().err
     assert read_jsonl(out) == full
     # the same path with other prompts (a same-size edit, its mtime put back): not the old answers
-    shard.write_text(gen._shard_line(3, ["stale"]))
+    shard.write_text(shards._shard_line(3, ["stale"]))
     (tmp_path / ".out.jsonl.settings.json").write_text(json.dumps(settings))
     st = src.stat()
     edited = recs[:3] + [{**recs[3], "prompt": recs[3]["prompt"][::-1]}] + recs[4:]
