@@ -1,6 +1,6 @@
 """Distillation losses on full logits: the dense reference path, pure tensor functions.
 
-Convention (also in README and `LossConfig`):
+Convention (also in docs/loss.md and `LossConfig`):
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * D(p_teacher^T || p_student^T)
 
