@@ -76,7 +76,10 @@ def position_tolerance(model) -> float:
 
 
 def isolates_packed_sequences(model, vocab_size: int) -> bool:
-    leak, err = packing_leak(model, vocab_size)
+    return _isolates(model, *packing_leak(model, vocab_size))
+
+
+def _isolates(model, leak: float, err: float) -> bool:
     return leak <= ISOLATION_TOLERANCE and err <= position_tolerance(model)
 
 
@@ -84,7 +87,7 @@ def packing_refusal(role: str, model, vocab_size: int) -> None:
     """data.packing=true: a ConfigError naming what the probe measured unless `model` keeps
     packed examples apart. The advice never names the attention implementation in use."""
     leak, err = packing_leak(model, vocab_size)
-    if leak <= ISOLATION_TOLERANCE and err <= position_tolerance(model):
+    if _isolates(model, leak, err):
         return
     impl = getattr(model.config, "_attn_implementation", None) or "default"
     others = [i for i in ("sdpa", "eager", "flash_attention_2") if i != impl]
