@@ -22,6 +22,7 @@ list ends at (and includes) the end-of-turn token, or at the budget.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ import numpy as np
 from kd.config import Config, OnPolicyConfig
 from kd.data.batches import collate, collate_packed
 from kd.data.views import Views
+from kd.errors import ConfigError
 from kd.loss import LossSpec
 from kd.objective import onpolicy_spec
 from kd.samples import generate_ids, stop_ids
@@ -87,10 +89,31 @@ class OnPolicy:
         self.max_length, self.packing, self.pad_id = cfg.data.max_length, cfg.data.packing, tokenizer.pad_token_id
         # the divergence alone on student samples (no gold labels): alpha = 0
         self.spec = onpolicy_spec(LossSpec.from_config(cfg.loss, len(tokenizer)), cfg)
+        self.tokenizer = tokenizer
         self.generator = generator or StudentGenerator(tokenizer, cfg.onpolicy, synced)
 
     def active(self, step: int, micro: int) -> bool:
-        return is_onpolicy(self.seed, step, micro, self.cfg.fraction)
+        return is_onpolicy(self.seed, step, micro, self.cfg.lam(step))
+
+    def check_turn_ends(self, student, rows) -> None:
+        """The first collapse guard, before any step: the trained turns must end with a token the
+        stop criterion knows, or every answer runs to max_new_tokens. The most common last token of
+        the trained turns is the template's end of turn (a few turns cut by data.max_length end
+        elsewhere); ConfigError when it is not a stop token."""
+        eos = stop_ids(student, self.tokenizer)
+        if isinstance(self.generator, StudentGenerator):
+            self.generator.eos_ids = eos
+        ends = Counter(int(r["student_ids"][-1]) for r in rows)
+        if not ends:
+            return
+        t, n = ends.most_common(1)[0]
+        if t not in eos:
+            raise ConfigError(
+                f"on-policy: {n} of {sum(ends.values())} trained turns end with token {t} "
+                f"({self.tokenizer.convert_ids_to_tokens(t)!r}), which the stop criterion (eos ids {eos}: the "
+                f"tokenizer's eos_token and the student's generation_config.eos_token_id) does not know, so the "
+                f"student's answers would only stop at onpolicy.max_new_tokens; add {t} to the student's "
+                f"generation_config.json eos_token_id or make it the tokenizer's eos_token")
 
     def batch(self, student, rows: list[dict], step: int, micro: int, rank: int) -> tuple[dict, GenStats]:
         """The micro-batch of `rows` with each example's last trained turn replaced by the student's
@@ -119,3 +142,27 @@ class OnPolicy:
         if self.packing:
             return collate_packed(examples, self.pad_id, row_tokens=self.max_length), stats
         return collate(examples, self.pad_id), stats
+
+
+class CutWatch:
+    """The second collapse guard: one warning when, for `steps` consecutive logged steps that
+    generated, more than `share` of the student's answers hit the token budget (it is not ending its
+    turns: runaway length and repetition follow). Logged steps without generation neither count
+    nor break the run of steps. Every rank sees the same all-reduced share, so all decide alike."""
+
+    def __init__(self, cfg: OnPolicyConfig):
+        self.share, self.steps, self.max_new_tokens = cfg.warn_cut_share, cfg.warn_cut_steps, cfg.max_new_tokens
+        self.run, self.warned = 0, False
+
+    def see(self, step: int, row: dict) -> str | None:
+        cut = row.get("train/gen_stopped_by_length")
+        if self.warned or not self.steps or cut is None:
+            return None
+        self.run = self.run + 1 if cut > self.share else 0
+        if self.run < self.steps:
+            return None
+        self.warned = True
+        return (f"step {step}: for {self.run} logged steps in a row more than {self.share:.0%} of the student's "
+                f"answers ran to onpolicy.max_new_tokens={self.max_new_tokens} (now {cut:.0%}): it does not end "
+                f"its turns yet; warm it up off-policy first (onpolicy.start_step, or student.name_or_path = an "
+                f"off-policy export), or raise onpolicy.max_new_tokens if the answers are really that long")

@@ -31,7 +31,7 @@ from kd.guard import NonFiniteError
 from kd.loss import LossSpec
 from kd.models import load_student, load_teacher, load_tokenizers, teacher_hidden_size
 from kd.objective import objective
-from kd.onpolicy import GenStats, OnPolicy
+from kd.onpolicy import CutWatch, GenStats, OnPolicy
 from kd.preempt import StopRequest
 from kd.resume import recorded_state, schedule_after_resume
 from kd.step import Step
@@ -158,6 +158,14 @@ def open_run_dir(accelerator, cfg: Config) -> rundir.RunLock:
     return lock
 
 
+def onpolicy_feature(o) -> str:
+    if o.fraction <= 0:
+        return "on-policy off"
+    when = f" from step {o.start_step + 1}" if o.start_step else ""
+    ramp = f", rising over {o.ramp_steps} steps" if o.ramp_steps else ""
+    return f"on-policy {o.fraction:.0%} of micro-batches{when}{ramp}"
+
+
 def features(accelerator, cfg: Config, student, train_stats) -> str:
     """One line: what this run does besides plain off-policy distillation, on or off."""
     world = accelerator.num_processes
@@ -169,7 +177,7 @@ def features(accelerator, cfg: Config, student, train_stats) -> str:
           else "packing off",
           {"off": "store off", "read": "store hit", "built": "store built"}[train_stats.store],
           f"LoRA rank {cfg.student.lora.rank}" if lora.is_adapted(student) else "LoRA off",
-          f"on-policy {cfg.onpolicy.fraction:.0%} of micro-batches" if cfg.onpolicy.fraction > 0 else "on-policy off",
+          onpolicy_feature(cfg.onpolicy),
           "teacher cache" if cfg.teacher.cache else "teacher cache off"]
     return "features: " + ", ".join(on)
 
@@ -249,6 +257,9 @@ def train(cfg: Config) -> dict:
     # a ZeRO-3 partitioned student decodes on all ranks together
     onpolicy = OnPolicy(cfg, tokenizer, synced=hasattr(next(student.parameters()), "ds_id")) \
         if cfg.onpolicy.fraction > 0 else None
+    if onpolicy is not None:  # collapse guards: turns must end on a stop token; answers cut by the budget
+        onpolicy.check_turn_ends(student, [train_set[i] for i in range(min(len(train_set), 1000))])
+        cut_watch = CutWatch(cfg.onpolicy)
     if cfg.data.packing:  # packed rows rely on position ids alone to keep examples apart
         for role, model in (("student", student), ("teacher", None if cache else teacher)):
             if model is not None:
@@ -323,7 +334,10 @@ def train(cfg: Config) -> dict:
                    "train/skipped_steps": skipped,
                    "sys/peak_mem_gib": memory_gib()[1], "sys/base_mem_gib": base_mem}
             if onpolicy is not None:
-                row.update(onpolicy_row(accelerator, on, n_on, totals[4], counts[4:].tolist(), gen, dt))
+                row.update(onpolicy_row(accelerator, on, n_on, totals[4], counts[4:].tolist(), gen, dt),
+                           **{"train/onpolicy_lambda": cfg.onpolicy.lam(step - 1)})
+                if warning := cut_watch.see(step, row):
+                    tracker.print(warning)
                 if n_off == 0:  # no off-policy token this step: no CE to report
                     del row["train/ce"], row["train/kd"]
             if bad:  # never log non-finite values as if they were metrics

@@ -131,3 +131,98 @@ def test_two_ranks_with_uneven_answers_match_one_process(launch, small_data, tmp
     assert any(r["train/gen_len_max"] > r["train/gen_len_mean"] for r in got)  # lengths differ within the batch
     for r, w in zip(got, want, strict=True):
         assert r["train/loss"] > 0 and r["train/loss"] == pytest.approx(w["train/loss"], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the warm-start curriculum
+
+
+def test_the_schedule_is_off_until_start_step_then_ramps_to_fraction():
+    o = load_config(DEMO, ["onpolicy.fraction=0.5", "onpolicy.start_step=10", "onpolicy.ramp_steps=4"]).onpolicy
+    assert [o.lam(s) for s in (0, 9, 10, 11, 12, 13, 14, 500)] == [0, 0, 0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    plain = load_config(DEMO, ["onpolicy.fraction=0.3"]).onpolicy
+    assert all(plain.lam(s) == 0.3 for s in range(20))  # the default schedule: today's constant lambda
+    with pytest.raises(ConfigError, match="onpolicy.fraction is 0"):
+        load_config(DEMO, ["onpolicy.start_step=10"])
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        load_config(DEMO, ["onpolicy.fraction=0.5", "onpolicy.ramp_steps=-1"])
+
+
+def test_a_start_step_is_the_off_policy_run_until_then_and_resumes_bitwise_across_the_switch(small_data, tmp_path):
+    """Steps 1-2 off-policy (weights and losses equal the plain off-policy run), step 3 at lambda 0.5,
+    step 4 at 1; a run killed at step 2 (before the switch) resumes to the same weights."""
+    extra = {"train.max_steps": 4, "train.save_every": 2, "train.keep_checkpoints": 2, "onpolicy.max_new_tokens": 12}
+    curriculum = {"onpolicy.fraction": 1.0, "onpolicy.start_step": 2, "onpolicy.ramp_steps": 2}
+    off, cur = tmp_path / "off", tmp_path / "curriculum"
+    run_cli(["--config", DEMO, *tiny_overrides(small_data, off, **extra)])
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, cur, **extra, **curriculum)])
+    assert "on-policy 100% of micro-batches from step 3, rising over 2 steps" in res.stdout
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        a = load_file(str(off / "checkpoints/step_00000002" / name))
+        b = load_file(str(cur / "checkpoints/step_00000002" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    m_off, m_cur = metrics(off), metrics(cur)
+    assert [r["train/loss"] for r in m_off[:2]] == [r["train/loss"] for r in m_cur[:2]]
+    assert [r["train/onpolicy_lambda"] for r in m_cur] == [0.0, 0.0, 0.5, 1.0]
+    assert [r["train/onpolicy_fraction"] for r in m_cur][:2] == [0.0, 0.0] and m_cur[3]["train/onpolicy_fraction"] == 1
+    a, b = load_file(str(off / "student/model.safetensors")), load_file(str(cur / "student/model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(cur / "checkpoints/step_00000002", out / "checkpoints/step_00000002")
+    (out / "checkpoints/latest").write_text("step_00000002")
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **extra, **curriculum)])
+    assert "resumed from" in res.stdout
+    c = load_file(str(out / "student/model.safetensors"))
+    assert all(torch.equal(b[k], c[k]) for k in b)
+    keys = ("train/loss", "train/onpolicy_kd", "train/gen_len_mean", "train/onpolicy_lambda")
+    assert [[r.get(k) for k in keys] for r in metrics(out)] == [[r.get(k) for k in keys] for r in m_cur[2:]]
+
+
+# --------------------------------------------------------------------------- collapse guards
+
+
+def test_a_template_whose_turns_end_on_no_stop_token_is_refused_in_one_line(small_data, tmp_path):
+    """The demo template with `</s>` closing each turn: the tokenizer's eos is `<|im_end|>`, so the
+    student's answers could never stop before the budget."""
+    template = tmp_path / "no_stop.jinja"
+    tok = load_tokenizer("builtin:tokenizer")
+    template.write_text(tok.chat_template.replace("<|im_end|>", "</s>"))
+    out = tmp_path / "run"
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, out, **{"onpolicy.fraction": 0.5,
+                                                                      "data.chat_template": str(template)})],
+                  check=False)
+    assert res.returncode == 2, res.stderr[-3000:]
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kd: error: on-policy:") and "'</s>'" in err[0]
+    assert "does not know" in err[0] and "eos_token_id" in err[0] and "Traceback" not in res.stderr
+    # the same template off-policy is fine: nothing is generated
+    run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "off", **{"data.chat_template": str(template)})])
+
+
+def test_a_student_that_never_ends_its_turn_is_warned_about_once(small_data, tmp_path):
+    """The random-init student runs every answer to a 4-token budget: after 2 logged steps with more
+    than half cut, one warning saying what to do; a warned run still trains (it is a warning)."""
+    extra = {"train.max_steps": 4, "onpolicy.fraction": 1.0, "onpolicy.max_new_tokens": 4,
+             "onpolicy.warn_cut_steps": 2, "onpolicy.warn_cut_share": 0.5}
+    res = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "run", **extra)])
+    assert all(r["train/gen_stopped_by_length"] > 0.5 for r in metrics(tmp_path / "run"))
+    lines = [line for line in res.stdout.splitlines() if "ran to onpolicy.max_new_tokens=4" in line]
+    assert len(lines) == 1 and lines[0].startswith("step 2:") and "onpolicy.start_step" in lines[0]
+    quiet = run_cli(["--config", DEMO, *tiny_overrides(small_data, tmp_path / "quiet",
+                                                     **{**extra, "onpolicy.warn_cut_steps": 0})])
+    assert "ran to onpolicy.max_new_tokens" not in quiet.stdout
+
+
+def test_the_cut_watch_counts_only_steps_that_generated():
+    from kd.onpolicy import CutWatch
+
+    w = CutWatch(load_config(DEMO, ["onpolicy.fraction=0.5", "onpolicy.warn_cut_steps=3"]).onpolicy)
+    seen = [w.see(s, row) for s, row in enumerate([{"train/gen_stopped_by_length": 0.9}, {},
+                                                   {"train/gen_stopped_by_length": 0.8},
+                                                   {"train/gen_stopped_by_length": 0.2},  # breaks the run
+                                                   {"train/gen_stopped_by_length": 0.6}, {},
+                                                   {"train/gen_stopped_by_length": 0.7},
+                                                   {"train/gen_stopped_by_length": 0.9},
+                                                   {"train/gen_stopped_by_length": 1.0}], 1)]
+    assert [s is not None for s in seen] == [False] * 7 + [True, False]

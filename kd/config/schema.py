@@ -234,10 +234,36 @@ class OnPolicyConfig:
     allows. loss.temperature, beta and skew apply."""
     weight: float = 1.0
     """Weight of the on-policy divergence (times T^2), against alpha * CE + (1 - alpha) * T^2 * D off-policy."""
+    start_step: int = 0
+    """The warm-start curriculum: optimizer steps before this one are off-policy only (a student
+    that cannot yet end its turn learns nothing from its own answers); 0 = on-policy from the start."""
+    ramp_steps: int = 0
+    """After start_step the share of on-policy micro-batches rises linearly to `fraction` over this
+    many steps (0 = at once); logged as train/onpolicy_lambda."""
+    warn_cut_share: float = 0.5
+    """Collapse guard: one warning when more than this share of the student's answers hit
+    max_new_tokens in warn_cut_steps consecutive logged steps that generated."""
+    warn_cut_steps: int = 5
+    """Consecutive logged steps (of those that generated) over warn_cut_share before that warning; 0 = never warn."""
+
+    def lam(self, step: int) -> float:
+        """The scheduled share of on-policy micro-batches at optimizer step `step` (0-based)."""
+        if self.fraction <= 0.0 or step < self.start_step:
+            return 0.0
+        if self.ramp_steps > 0:
+            return self.fraction * min(1.0, (step - self.start_step + 1) / self.ramp_steps)
+        return self.fraction
 
     def __post_init__(self):
         if not 0.0 <= self.fraction <= 1.0:
             raise ConfigError("onpolicy.fraction must be in [0, 1]")
+        if self.start_step < 0 or self.ramp_steps < 0 or self.warn_cut_steps < 0:
+            raise ConfigError("onpolicy.start_step, onpolicy.ramp_steps and onpolicy.warn_cut_steps must be >= 0")
+        if not 0.0 <= self.warn_cut_share <= 1.0:
+            raise ConfigError("onpolicy.warn_cut_share must be in [0, 1]")
+        if self.fraction == 0.0 and (self.start_step or self.ramp_steps):
+            raise ConfigError("onpolicy.start_step / onpolicy.ramp_steps are set but onpolicy.fraction is 0: "
+                              "no step would be on-policy; set onpolicy.fraction")
         if self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise ConfigError("onpolicy.temperature must be >= 0 and onpolicy.top_p in (0, 1]")
         if self.max_new_tokens < 1 or self.weight < 0:
