@@ -25,12 +25,8 @@ def objective(cfg: Config, spec: LossSpec, world: int) -> str:
             f"rank{'s' if world > 1 else ''}); teacher view: strategy instruction; student view: {student_view}")
     o = cfg.onpolicy
     if o.fraction > 0:
-        share = f"{o.fraction:.0%} of micro-batches are"
-        if o.start_step or o.ramp_steps:
-            when = f"from step {o.start_step + 1} (off-policy before)" if o.start_step else "from the start"
-            share = f"{when}, {'rising linearly over ' + str(o.ramp_steps) + ' steps to ' if o.ramp_steps else ''}" \
-                    f"{o.fraction:.0%} of micro-batches are"
-        text += (f"; on-policy: {share} the student's own answers (sampled at "
+        when = o.schedule() and o.schedule() + ","  # off-policy before the start step
+        text += (f"; on-policy: {o.fraction:.0%} of micro-batches{when} are the student's own answers (sampled at "
                  f"temperature {o.temperature:g}, top-p {o.top_p:g}, up to {o.max_new_tokens} tokens) with "
                  f"{o.weight:g}·({onpolicy_spec(spec, cfg).describe()})")
     else:

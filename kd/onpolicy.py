@@ -101,8 +101,6 @@ class OnPolicy:
         the trained turns is the template's end of turn (a few turns cut by data.max_length end
         elsewhere); ConfigError when it is not a stop token."""
         eos = stop_ids(student, self.tokenizer)
-        if isinstance(self.generator, StudentGenerator):
-            self.generator.eos_ids = eos
         ends = Counter(int(r["student_ids"][-1]) for r in rows)
         if not ends:
             return

@@ -158,14 +158,6 @@ def open_run_dir(accelerator, cfg: Config) -> rundir.RunLock:
     return lock
 
 
-def onpolicy_feature(o) -> str:
-    if o.fraction <= 0:
-        return "on-policy off"
-    when = f" from step {o.start_step + 1}" if o.start_step else ""
-    ramp = f", rising over {o.ramp_steps} steps" if o.ramp_steps else ""
-    return f"on-policy {o.fraction:.0%} of micro-batches{when}{ramp}"
-
-
 def features(accelerator, cfg: Config, student, train_stats) -> str:
     """One line: what this run does besides plain off-policy distillation, on or off."""
     world = accelerator.num_processes
@@ -177,7 +169,8 @@ def features(accelerator, cfg: Config, student, train_stats) -> str:
           else "packing off",
           {"off": "store off", "read": "store hit", "built": "store built"}[train_stats.store],
           f"LoRA rank {cfg.student.lora.rank}" if lora.is_adapted(student) else "LoRA off",
-          onpolicy_feature(cfg.onpolicy),
+          f"on-policy {cfg.onpolicy.fraction:.0%} of micro-batches{cfg.onpolicy.schedule()}"
+          if cfg.onpolicy.fraction > 0 else "on-policy off",
           "teacher cache" if cfg.teacher.cache else "teacher cache off"]
     return "features: " + ", ".join(on)
 

@@ -254,6 +254,11 @@ class OnPolicyConfig:
             return self.fraction * min(1.0, (step - self.start_step + 1) / self.ramp_steps)
         return self.fraction
 
+    def schedule(self) -> str:
+        """The curriculum in words ('' for a constant lambda), as the features and objective lines say it."""
+        return (f" from step {self.start_step + 1}" if self.start_step else "") + \
+            (f", rising over {self.ramp_steps} steps" if self.ramp_steps else "")
+
     def __post_init__(self):
         if not 0.0 <= self.fraction <= 1.0:
             raise ConfigError("onpolicy.fraction must be in [0, 1]")
