@@ -2,7 +2,8 @@
 
     python -m kd.experiment --config configs/experiment/default.yaml [--seeds 3] [--out runs/experiment/<config name>]
 
-A config with `kind: choice` runs the entropy experiment instead (kd/demo/choice_experiment.py).
+A config with `kind: choice` runs the entropy experiment instead (kd/demo/choice_experiment.py), one
+with `kind: onpolicy` the on-policy experiment (kd/demo/onpolicy_experiment.py).
 
 1. The teacher (builtin:tiny-teacher) answers the training prompts greedily, seeing their strategy
    instructions (kd.generate); its responses, right or wrong, are the distillation set.
@@ -255,6 +256,10 @@ def main(argv=None) -> None:
         from kd.demo import choice_experiment
 
         return choice_experiment.main(s, args, command)
+    if s.get("kind") == "onpolicy":  # the on-policy experiment (kd/demo/onpolicy_experiment.py)
+        from kd.demo import onpolicy_experiment
+
+        return onpolicy_experiment.main(s, args, command)
     out = Path(args.out or Path("runs/experiment") / Path(args.config).stem)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()

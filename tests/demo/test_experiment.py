@@ -50,6 +50,15 @@ def test_experiment_configs_are_complete_and_distinct():
         if s.get("kind") == "choice":  # the entropy experiment: four arms, at least 5 seeds, three sizes
             assert s["seeds"] >= 5 and set(s["arms"]) == {"ce", "kd", "onpolicy", "kd_noerase"}
             assert len(s["sizes"]) >= 3 and max(s["sizes"]) >= 16 * min(s["sizes"])
+        elif s.get("kind") == "onpolicy":  # issue 23's arms, >= 5 final seeds disjoint from the dev seed
+            assert s["seeds"] >= 5 and not s["seeds_from"] <= s["dev_seed"] < s["seeds_from"] + s["seeds"]
+            assert {"offpolicy", "offpolicy_long", "onpolicy", "onpolicy_full", "onpolicy_noerase",
+                    "onpolicy_fkl"} <= set(s["arms"])
+            assert s["baseline"] in s["arms"] and s["baseline_wallclock"] in s["arms"]
+            assert s["arms"]["onpolicy_full"]["overrides"]["onpolicy.fraction"] == 1.0
+            assert s["arms"]["onpolicy_noerase"]["overrides"]["data.erase_strategy"] == "off"
+            assert s["arms"]["onpolicy_fkl"]["overrides"]["onpolicy.divergence"] == "forward_kl"
+            assert s["warm"]["steps"] in s["curve"] and s["dev_prompts"] > 0
         else:
             assert s["seeds"] >= 3 and set(s["variants"]) == {"ce_erase", "kd_erase", "kd_noerase"}
         reports.add(s["report"])
@@ -83,3 +92,47 @@ def test_miniature_experiment(tmp_path):
     # A rerun with the same settings reuses every finished piece.
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.count("reusing") == 4, res.stdout[-2000:]
+
+
+def test_miniature_onpolicy_experiment(tmp_path):
+    """The on-policy experiment end to end at 2 steps a run: every arm, the curve, the report."""
+    from kd.demo import onpolicy_experiment as ox
+
+    out, report = tmp_path / "exp", tmp_path / "results.md"
+    report.write_text("old table\n" + ox.NOTES + "\nhand-written reading\n")
+    cmd = [PY, "-m", "kd.experiment", "--config", "configs/experiment/onpolicy.yaml", "--seeds", "1",
+           "--max-steps", "2", "--train-limit", "40", "--eval-limit", "4", "--max-new-tokens", "12",
+           "--out", str(out), "--report", str(report), "--jobs", "2"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((out / "results.json").read_text())
+    s = r["settings"]
+    assert s["seeds"] == [10] and s["dev_prompts"] == 20  # the dev split: half of 40 at most
+    assert len(read(out / "data" / "train.jsonl")) == 20 and len(read(out / "data" / "teacher_dev.jsonl")) == 20
+    dev = {x["prompt"] for x in read(out / "data" / "teacher_dev.jsonl")}
+    assert not dev & {x["prompt"] for x in read(out / "data" / "train.jsonl")}
+    assert [c["steps"] for c in r["curve"]] == [2] and r["curve"][0]["seed"] == 1000
+    assert set(r["runs"]) == set(s["arms"]) and all(len(v) == 1 for v in r["runs"].values())
+    for arm, (run,) in r["runs"].items():
+        assert run["seed"] == 10 and 0 <= run["valid_greedy"] <= 1 and run["own_len"] > 0
+        assert run["train_seconds"] > 0 and run["own_teacher_nll"] > 0
+        cfg = (out / "runs" / arm / "seed10" / "config.yaml").read_text()
+        scratch = s["arms"][arm].get("from") == "scratch"
+        assert ("builtin:tiny-student" in cfg) == scratch, arm  # the others start from the warm export
+        steps = 2 * s["arms"][arm].get("steps_factor", 1)
+        assert sum(1 for _ in open(out / "runs" / arm / "seed10" / "metrics.jsonl")) >= 1
+        assert f"max_steps: {steps}" in cfg, arm
+        if arm == "onpolicy_full":  # every step generates, so the training cut share is measured
+            assert 0 <= run["train_cut_share"] <= 1
+    text = report.read_text()
+    assert "old table" not in text and text.endswith(ox.NOTES + "\nhand-written reading\n")
+    assert ox.PROTOCOL in text and "Paired differences against (a) off-policy KD continued" in text
+    for label in [a["label"] for a in s["arms"].values()] + ["warm start (W steps"]:
+        assert label in text
+    # a rerun with the same settings trains and evaluates nothing again
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "trained in" not in res.stdout and "sampled length" not in res.stdout, res.stdout[-2000:]
+
+
+def read(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
