@@ -81,14 +81,22 @@ def evaluate_student(model_dir: str, s: dict, fresh: list[dict], teacher) -> dic
             "own_entropy": statistics.fmean(own_st["entropy"])}
 
 
-def train_cut_share(run_dir: Path) -> float | None:
-    """Mean train/gen_stopped_by_length over the logged steps that generated (None: none did)."""
+def training_cuts(run_dir: Path) -> dict:
+    """From the run's metrics.jsonl: the mean and largest share of generations cut at the budget
+    over the logged steps that generated (None: none did), and the step at which the collapse guard
+    (kd.onpolicy.CutWatch, default settings) warned, None if it did not."""
+    from kd.config.schema import OnPolicyConfig
+    from kd.onpolicy import CutWatch
+
     p = run_dir / "metrics.jsonl"
-    if not p.is_file():
-        return None
-    xs = [row["train/gen_stopped_by_length"] for row in map(json.loads, p.read_text().splitlines())
-          if row.get("train/gen_stopped_by_length") is not None]
-    return statistics.fmean(xs) if xs else None
+    rows = [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
+    xs = [r["train/gen_stopped_by_length"] for r in rows if r.get("train/gen_stopped_by_length") is not None]
+    watch, fired = CutWatch(OnPolicyConfig(fraction=0.5)), None
+    for r in rows:
+        if watch.see(r["step"], r) and fired is None:
+            fired = r["step"]
+    return {"train_cut_share": statistics.fmean(xs) if xs else None, "train_cut_max": max(xs) if xs else None,
+            "guard_step": fired}
 
 
 # --------------------------------------------------------------------------- runs
@@ -136,11 +144,11 @@ class Runner:
         path = run_dir / "result.json"
         key = digest([key, self.s["eval"], [r["response"] for r in refs]])
         if path.is_file() and json.loads(path.read_text()).get("key") == key:
-            return json.loads(path.read_text())
+            return {**json.loads(path.read_text()), **training_cuts(run_dir)}
         t0 = time.time()
         res = evaluate_student(str(run_dir / "student"), self.s, refs, teacher)
         res.update(key=key, train_seconds=seconds, eval_seconds=round(time.time() - t0, 1),
-                   train_cut_share=train_cut_share(run_dir), **tags)
+                   **training_cuts(run_dir), **tags)
         path.write_text(json.dumps(res, indent=2) + "\n")
         self.log(f"{what}: valid {res['valid_greedy']:.3f}, NLL {res['nll']:.3f}, sampled length {res['own_len']:.1f}")
         return res
@@ -193,7 +201,8 @@ def protocol(s: dict, command: str) -> str:
         f"trained on; one teacher sample (temperature {s['sampling']['temperature']}, seed {s['sampling']['seed']}, "
         "strategy instruction shown) per remaining prompt is the distillation set of every run.",
         f"- W and S were chosen on the development split only, from the off-policy curve below (dev seed "
-        f"{s['dev_seed']}): W = {w['steps']} warm-start steps, S = {s['continue_steps']} further steps.",
+        f"{s['dev_seed']}): W = {w['steps']} warm-start steps, S = {s['continue_steps']} further steps. "
+        + s.get("why_w_s", ""),
         "- warm start, the same for every arm of a seed: off-policy KD for W steps, "
         + ", ".join(f"`{k}={v}`" for k, v in w["overrides"].items())
         + "; exported, then each arm starts from that export with a fresh optimizer and LR schedule "
@@ -211,7 +220,9 @@ def protocol(s: dict, command: str) -> str:
         f"{s['eval']['fresh_seed']}): NLL per response token, KL(teacher ‖ student) at T = 1, ECE of the top-1 "
         "probability (10 bins). On the student's own T = 1 samples: mean length in tokens, the share that "
         f"reach the {s['eval']['max_new_tokens']}-token budget, the teacher's NLL per token of them (strategy "
-        "view), KL(student ‖ teacher) on them, the student's mean next-token entropy on them.",
+        "view), KL(student ‖ teacher) on them, the student's mean next-token entropy on them. From each run's "
+        "metrics.jsonl: the share of its training generations cut at `onpolicy.max_new_tokens` (mean and "
+        "largest over logged steps) and whether the collapse guard at its defaults warned.",
         "- no tuning on the evaluation prompts; the settings above are those of the first final run.", ""])
 
 
@@ -239,11 +250,16 @@ def render(s: dict, teacher: dict, curve: list[dict], warm: list[dict], runs: di
         lines.append(f"| {name} | {statistics.fmean(r['train_seconds'] for r in rs):.0f} | "
                      + " | ".join(_pm([r[k] for r in rs], pct) for k, _, pct in METRICS) + " |")
     lines += ["", "## What the students' own samples look like (T = 1, eval prompts)", "",
-              "| arm | " + " | ".join(m[1] for m in WHY) + " | cut in training % |", "|:--|" + "--:|" * (len(WHY) + 1)]
+              "| arm | " + " | ".join(m[1] for m in WHY) + " | cut in training %: mean, largest | guard warned |",
+              "|:--|" + "--:|" * (len(WHY) + 2)]
     for name, rs in rows:
         cut = [r["train_cut_share"] for r in rs if r.get("train_cut_share") is not None]
+        top = [r["train_cut_max"] for r in rs if r.get("train_cut_max") is not None]
+        fired = [r["guard_step"] for r in rs if r.get("guard_step") is not None]
         lines.append(f"| {name} | " + " | ".join(_pm([r[k] for r in rs], pct) for k, _, pct in WHY)
-                     + f" | {_pm(cut, True) if cut else '–'} |")
+                     + (f" | {_pm(cut, True)}, {100 * max(top):.0f} | " if cut else " | – | ")
+                     + (f"{len(fired)} of {len(rs)} runs (step {min(fired)}–{max(fired)}) |" if fired
+                        else (f"0 of {len(rs)} runs |" if cut else "– |")))
     for title, base in (("equal steps", s["baseline"]), ("equal wall clock", s["baseline_wallclock"])):
         if not runs.get(base):
             continue

@@ -123,7 +123,7 @@ def test_miniature_onpolicy_experiment(tmp_path):
         assert sum(1 for _ in open(out / "runs" / arm / "seed10" / "metrics.jsonl")) >= 1
         assert f"max_steps: {steps}" in cfg, arm
         if arm == "onpolicy_full":  # every step generates, so the training cut share is measured
-            assert 0 <= run["train_cut_share"] <= 1
+            assert 0 <= run["train_cut_share"] <= run["train_cut_max"] <= 1 and "guard_step" in run
     text = report.read_text()
     assert "old table" not in text and text.endswith(ox.NOTES + "\nhand-written reading\n")
     assert ox.PROTOCOL in text and "Paired differences against (a) off-policy KD continued" in text
