@@ -23,11 +23,14 @@ class NonFiniteError(KDError):
 
 def teacher_nonfinite(t_out) -> torch.Tensor:
     """0-dim device tensor, 1 if the teacher's outputs for a micro-batch hold NaN/inf, else 0: the
-    live teacher's hidden states, or cached top-k rows (whose tail may be -inf by design)."""
+    live teacher's hidden states, cached top-k rows (whose tail may be -inf by design), or cached
+    samples."""
     if t_out is None:
         return torch.zeros(())
     if torch.is_tensor(t_out):
         return (~torch.isfinite(t_out)).any().float()
+    if hasattr(t_out, "logq"):  # kd.loss.sampled.CachedSample
+        return ((~torch.isfinite(t_out.logq)).any() | (~torch.isfinite(t_out.log_norm)).any()).float()
     return ((~torch.isfinite(t_out.logits)).any() | torch.isnan(t_out.tail_lse).any()).float()
 
 

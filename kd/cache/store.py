@@ -18,13 +18,23 @@ Directory layout
     train-00000.safetensors     shard i holds examples [i*S, (i+1)*S) of the tokenised split
     eval-00000.safetensors
 
-Per response token a shard stores the teacher's (fp32, vocabulary cut to the tokenizer's)
+Two formats ("cache_format" in the manifest; kd.loss.topk and kd.loss.sampled explain the losses).
+Per response token a top-k shard (the default, `--format topk`) stores the teacher's (fp32,
+vocabulary cut to the tokenizer's)
     ids       [k]  top-k token ids, sorted by logit (int16 when V <= 32768, else int32)
     logits    [k]  their raw logits (T = 1)
     tail_lse  [m]  log sum_{j not in top-k} exp(z_j / T) for each of the m `tail_temperatures`
                    (--tail-temperatures, default 1,2,4,8): the exact mass of the other V - k
                    tokens at those temperatures
-plus per example `example_ids` and row `offsets`. Bytes per token: k * (2 or 4) + 4k + 4m.
+Bytes per token: k * (2 or 4) + 4k + 4m. A sampled shard (`--format sampled --draws N`) stores, ragged
+(the unique ids of one token after another),
+    ids       [U_t]  the unique ids among N draws from the teacher at the proposal temperature T0
+    counts    [U_t]  how often each was drawn (uint8 when N <= 255, else int16)
+    logq      [U_t]  log q(id), the proposal's log-probability (fp16)
+    n_unique  [1]    U_t (uint8 / int16)
+    log_norm  [m-1]  c_T of the module doc of kd.loss.sampled for each served T other than T0 (fp32)
+Bytes per token: U_t * (2 or 4 + 1 + 2) + 1 + 4(m - 1). Both formats hold per example `example_ids`
+and row `offsets`.
 Shards are written to a hidden temporary name and renamed into place (atomic), so a killed build
 never leaves a half-written shard under a name that is read.
 """
@@ -40,6 +50,8 @@ import torch
 
 from kd.integrity import fsync_dir, problems, summary
 from kd.errors import KDError
+from kd.loss.sampled import CachedSample, check_serves
+from kd.loss.spec import LossSpec
 from kd.loss.topk import CachedTopK
 from kd.models import tokenizer_sha256
 
@@ -91,16 +103,19 @@ def _teacher_files_sha256(path: str) -> str | None:
     return h.hexdigest()
 
 
-def _settings(cfg, tokenizer, splits: dict, k: int, tail_temperatures: list[float], shard_examples: int,
-              teacher_sha: str | None) -> dict:
+def _settings(cfg, tokenizer, splits: dict, cache_format: str, sampling: dict, tail_temperatures: list[float],
+              shard_examples: int, teacher_sha: str | None) -> dict:
+    """`sampling`: {"k": k} for a top-k cache, {"draws", "proposal_temperature", "sample_seed"} for a
+    sampled one; `tail_temperatures` are the temperatures the cache serves exactly."""
     d = cfg.data
     return {
         "format": FORMAT,
         "version": VERSION,
+        "cache_format": cache_format,
         "teacher": {"name_or_path": cfg.teacher.name_or_path, "dtype": cfg.teacher.dtype, "files_sha256": teacher_sha},
         "tokenizer": {"name_or_path": cfg.student.name_or_path, "sha256": tokenizer_sha256(tokenizer),
                       "vocab_size": len(tokenizer)},
-        "k": k,
+        **sampling,
         "tail_temperatures": tail_temperatures,
         "ids_dtype": "int16" if len(tokenizer) <= 2**15 else "int32",
         "shard_examples": shard_examples,
@@ -192,15 +207,20 @@ def read_manifest(path: str | Path) -> dict | None:
 
 
 class TeacherCache:
-    """A validated, complete cache. `lookup(batch, split)` -> CachedTopK for the batch's rows."""
+    """A validated, complete cache. `lookup(batch, split)` -> CachedTopK (or CachedSample for a
+    sampled cache) for the batch's rows."""
 
     def __init__(self, path: str | Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
-        self.k = manifest["k"]
+        self.sampled = manifest.get("cache_format", "topk") == "sampled"
+        self.k = manifest.get("k")
         self.tail_temperatures = torch.tensor(manifest["tail_temperatures"], dtype=torch.float32)
-        self._files: dict[tuple[str, int], object] = {}
-        self._index: dict[str, dict[int, tuple[int, int, int]]] = {}
+        self._names = ("ids", "counts", "logq", "log_norm") if self.sampled else ("ids", "logits", "tail_lse")
+        self._files: dict[tuple[str, int], tuple] = {}
+        # example id -> (shard, first row, rows, first flat entry, flat entries); the flat range is the
+        # sampled format's ragged ids (for top-k it equals the row range)
+        self._index: dict[str, dict[int, tuple[int, int, int, int, int]]] = {}
         from safetensors import safe_open
 
         for split, info in manifest["splits"].items():
@@ -208,8 +228,12 @@ class TeacherCache:
             for i in range(info["shards"]):
                 f = self._file(split, i, safe_open)
                 eids, offs = f.get_tensor("example_ids").tolist(), f.get_tensor("offsets").tolist()
+                flat = offs
+                if self.sampled:
+                    n_u = f.get_tensor("n_unique").long()
+                    flat = torch.cat([n_u.new_zeros(1), n_u.cumsum(0)])[offs].tolist()
                 for j, eid in enumerate(eids):
-                    index[eid] = (i, offs[j], offs[j + 1] - offs[j])
+                    index[eid] = (i, offs[j], offs[j + 1] - offs[j], flat[j], flat[j + 1])
 
     def _file(self, split: str, i: int, opener=None):
         key = (split, i)
@@ -221,7 +245,7 @@ class TeacherCache:
                 f = opener(str(path), framework="pt")
             except Exception as e:  # missing or truncated file
                 raise CacheError(f"cannot read cache shard {path}: {str(e).splitlines()[0][:200]}") from None
-            self._files[key] = (f, f.get_slice("ids"), f.get_slice("logits"), f.get_slice("tail_lse"))
+            self._files[key] = (f, *(f.get_slice(n) for n in self._names))
         return self._files[key][0]
 
     @classmethod
@@ -257,6 +281,10 @@ class TeacherCache:
             if built != now:
                 raise CacheError(f"{where} was built with data.{key}={built}, this run has data.{key}={now}; "
                                  f"rebuild the cache or set data.{key}={built}")
+        if m.get("cache_format") == "sampled":
+            why = check_serves(LossSpec.from_config(cfg.loss, len(tokenizer)), m["tail_temperatures"])
+            if why:
+                raise CacheError(f"{where}: {why}")
         run_splits = {"train": train_set, **({"eval": eval_set} if eval_set is not None else {})}
         for split, ds in run_splits.items():
             if split not in m["splits"]:
@@ -272,34 +300,56 @@ class TeacherCache:
                     f"with this run's data settings")
         return cls(path, m)
 
-    def lookup(self, batch: dict, split: str) -> CachedTopK:
+    def lookup(self, batch: dict, split: str) -> CachedTopK | CachedSample:
         """Cached rows for the batch's label rows, in order, on the batch's device."""
         dev = batch["labels"].device
         index = self._index.get(split)
         if index is None:
             raise CacheError(f"cache {self.path} has no {split} split")
-        ids, logits, tails = [], [], []
+        got: list[list[torch.Tensor]] = [[] for _ in self._names]
+        n_unique = []
         for eid, n in zip(batch["example_ids"].tolist(), batch["n_response"].tolist()):
             hit = index.get(eid)
             if hit is None or hit[2] != n:
                 raise CacheError(f"cache {self.path}: {split} example {eid} is "
                                  f"{'missing' if hit is None else f'cached with {hit[2]} response tokens, not {n}'}")
-            i, start, _ = hit
+            i, start, _, lo, hi = hit
             self._file(split, i)
-            _, s_ids, s_logits, s_tail = self._files[(split, i)]
-            ids.append(s_ids[start:start + n])
-            logits.append(s_logits[start:start + n])
-            tails.append(s_tail[start:start + n])
+            slices = self._files[(split, i)][1:]
+            for out, name, sl in zip(got, self._names, slices):
+                out.append(sl[lo:hi] if self.sampled and name != "log_norm" else sl[start:start + n])
+            if self.sampled:
+                n_unique.append(self._files[(split, i)][0].get_slice("n_unique")[start:start + n])
         temps = self.tail_temperatures.to(dev)
-        if not ids:
+        if self.sampled:
+            return self._padded(got, n_unique, temps, dev)
+        if not got[0]:
             return CachedTopK(torch.zeros(0, self.k, dtype=torch.long, device=dev), torch.zeros(0, self.k, device=dev),
                               torch.zeros(0, len(temps), device=dev), temps)
-        return CachedTopK(torch.cat(ids).to(dev).long(), torch.cat(logits).to(dev), torch.cat(tails).to(dev), temps)
+        ids, logits, tails = (torch.cat(x).to(dev) for x in got)
+        return CachedTopK(ids.long(), logits, tails, temps)
+
+    def _padded(self, got, n_unique, temps, dev) -> CachedSample:
+        """The ragged rows of a sampled cache as [rows, U] (U: the most unique ids of a row here)."""
+        ids, counts, logq, log_norm = (torch.cat(x) if x else None for x in got)
+        if ids is None:
+            z = torch.zeros(0, 0, device=dev)
+            return CachedSample(z.long(), z, z, torch.zeros(0, len(temps), device=dev), temps, temps[:1])
+        n_u = torch.cat(n_unique).long()
+        rows = torch.repeat_interleave(torch.arange(n_u.numel()), n_u)
+        col = torch.arange(rows.numel()) - (torch.cumsum(n_u, 0) - n_u)[rows]
+        shape = (n_u.numel(), int(n_u.max()))
+        p_ids = torch.zeros(shape, dtype=torch.long).index_put_((rows, col), ids.long())
+        p_freq = torch.zeros(shape).index_put_((rows, col), counts.float() / self.manifest["draws"])
+        p_logq = torch.zeros(shape).index_put_((rows, col), logq.float())
+        norm = torch.cat([log_norm.new_zeros(n_u.numel(), 1), log_norm.float()], -1)  # the proposal's c_T is 0
+        return CachedSample(p_ids.to(dev), p_freq.to(dev), p_logq.to(dev), norm.to(dev), temps, temps[:1])
 
     def describe(self) -> str:
         m = self.manifest
         tokens = sum(s["tokens"] for s in m["splits"].values())
         splits = ", ".join(f"{n} {s['examples']} examples" for n, s in m["splits"].items())
-        return (f"teacher: cached top-{self.k} logits of {m['teacher']['name_or_path']!r} from {self.path} "
+        what = (f"{m['draws']} samples per token (T={m['proposal_temperature']:g}; serves T = "
+                f"{', '.join(f'{t:g}' for t in m['tail_temperatures'])})" if self.sampled else f"top-{self.k} logits")
+        return (f"teacher: cached {what} of {m['teacher']['name_or_path']!r} from {self.path} "
                 f"({splits}, {tokens} response tokens); no teacher loaded")
-

@@ -1,0 +1,164 @@
+"""Sampled teacher cache vs top-k: bytes per token, gradient bias and gradient error at T = 1, 2, 4.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_sampled.py [--caches 200] [--part bytes|error|demo]
+
+bytes: on synthetic LLM-like logits (V = 32000, the generator of bench_cache.py: Zipf-ranked rows
+       with exponents 1.5-3), the mean number of unique ids among N draws, and the bytes per token
+       each format stores: sampled U * (2 id + 1 count + 2 fp16 log q) + 1 + 4 (m - 1), top-k
+       k * (2 + 4) + 4 m, with m = 4 served temperatures (1, 2, 4, 8) for both. Also the on-disk
+       shard bytes of `kd.cache --format sampled` on the demo data (vocabulary 520).
+error: the forward-KL gradient w.r.t. the student logits (alpha = 0), against the live one, for
+       --caches independently seeded sampled caches (as stored: log q rounded to fp16) and for the
+       top-k cache of about the same bytes (deterministic: its bias is its error):
+         bias      ||mean over caches - live|| / ||live||, next to its noise floor
+                   ||standard error of the mean|| / ||live|| (bias consistent with 0 when the two
+                   are alike; an unbiased estimator's bias shrinks as 1/sqrt(caches))
+         error     mean over caches of ||one cache - live|| / ||live||
+       on the synthetic logits (student = 0.8 teacher + N(0, 1)) and on the builtin tiny demo
+       teacher and student (part demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from kd.loss import LossSpec, kd_loss  # noqa: E402
+from kd.loss.sampled import sampled_kd_loss, teacher_sample  # noqa: E402
+from kd.loss.topk import teacher_topk, topk_kd_loss  # noqa: E402
+
+TEMPS = (1.0, 2.0, 4.0, 8.0)
+
+
+def synthetic(n: int = 256, v: int = 32000, seed: int = 0):
+    """The LLM-like logits of bench_cache.py (same construction, same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    exponent = 1.5 + 1.5 * torch.rand(n, 1, generator=g)
+    ranked = -exponent * torch.log(torch.arange(1, v + 1, dtype=torch.float32)) + 0.3 * torch.randn(n, v, generator=g)
+    perm = torch.argsort(torch.rand(n, v, generator=g), dim=-1)
+    teacher = torch.empty(n, v).scatter_(-1, perm, ranked)
+    student = 0.8 * teacher + 1.0 * torch.randn(n, v, generator=g)
+    labels = torch.multinomial(teacher.softmax(-1), 1, generator=g).squeeze(-1)
+    return teacher, student, labels
+
+
+def sampled_bytes(unique: float, v: int, m: int = len(TEMPS)) -> float:
+    return unique * ((2 if v <= 2**15 else 4) + 1 + 2) + 1 + 4 * (m - 1)
+
+
+def topk_bytes(k: int, v: int, m: int = len(TEMPS)) -> float:
+    return k * ((2 if v <= 2**15 else 4) + 4) + 4 * m
+
+
+def mean_unique(teacher: torch.Tensor, draws: int, seed: int = 0) -> float:
+    s = teacher_sample(teacher, draws, teacher.shape[1], generator=torch.Generator().manual_seed(seed))
+    return (s.freq > 0).sum(-1).float().mean().item()
+
+
+def part_bytes(draws=(16, 32, 64), ks=(16, 64)) -> dict[int, float]:
+    teacher, _, _ = synthetic()
+    v = teacher.shape[1]
+    print(f"\n### Bytes per token, V = {v} (synthetic LLM-like logits, 256 tokens; m = 4 served temperatures)\n")
+    print("| format | unique ids / token | bytes / token |")
+    print("|---|--:|--:|")
+    uniq = {}
+    for n in draws:
+        uniq[n] = mean_unique(teacher, n)
+        print(f"| sampled, N = {n} | {uniq[n]:.1f} | {sampled_bytes(uniq[n], v):.1f} |")
+        print(f"| sampled, N = {n}, served T = 1 only | {uniq[n]:.1f} | {sampled_bytes(uniq[n], v, 1):.1f} |")
+    for k in ks:
+        print(f"| top-k, k = {k} | {k} | {topk_bytes(k, v):.1f} |")
+    return uniq
+
+
+def _grad(fn, student):
+    s = student.clone().requires_grad_()
+    fn(s).weighted_sum.backward()
+    return s.grad
+
+
+def error_table(title: str, teacher, student, labels, draws, caches: int, temps=(1.0, 2.0, 4.0)) -> None:
+    v = teacher.shape[1]
+    print(f"\n#### {title}\n")
+    print("| T | format | bytes / token | bias (‖mean − live‖ / ‖live‖) | noise floor of the bias | "
+          "error per cache |")
+    print("|--:|---|--:|--:|--:|--:|")
+    for t in temps:
+        spec = LossSpec(vocab_size=v, alpha=0.0, temperature=t)
+        live = _grad(lambda s: kd_loss(s, teacher, labels, spec), student)
+        norm = live.norm().item()
+        for n in draws:
+            total, total_sq, errs, uniq = torch.zeros_like(live), torch.zeros_like(live), [], []
+            for c in range(caches):
+                cached = teacher_sample(teacher, n, v, TEMPS, generator=torch.Generator().manual_seed(10_000 + c))
+                cached = cached._replace(logq=cached.logq.half().float())  # as stored on disk
+                uniq.append((cached.freq > 0).sum(-1).float().mean().item())
+                g = _grad(lambda s: sampled_kd_loss(s, cached, labels, spec), student)
+                total += g
+                total_sq += g * g
+                errs.append((g - live).norm().item() / norm)
+            mean = total / caches
+            se = ((total_sq / caches - mean * mean).clamp_min(0) * caches / (caches - 1) / caches).sqrt()
+            u = sum(uniq) / len(uniq)
+            print(f"| {t:g} | sampled N = {n} ({u:.1f} unique) | {sampled_bytes(u, v):.0f} | "
+                  f"{(mean - live).norm().item() / norm:.2%} | {se.norm().item() / norm:.2%} | "
+                  f"{sum(errs) / len(errs):.2%} |")
+            k = max(1, round((sampled_bytes(u, v) - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
+            top = teacher_topk(teacher, k, v, TEMPS)
+            g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec,
+                                             tail_temperatures=TEMPS), student)
+            e = (g - live).norm().item() / norm
+            print(f"| {t:g} | top-k, k = {k} (same bytes) | {topk_bytes(k, v):.0f} | {e:.2%} | 0 (deterministic) | "
+                  f"{e:.2%} |")
+
+
+def part_error(caches: int, draws=(16, 32, 64)) -> None:
+    teacher, student, labels = synthetic()
+    error_table(f"Synthetic LLM-like logits: 256 tokens, V = {teacher.shape[1]}, {caches} seeded caches per row",
+                teacher, student, labels, draws, caches)
+
+
+def part_demo(caches: int, draws=(16, 32)) -> None:
+    import tempfile
+
+    from kd.config import load_config
+    from kd.data import build_datasets, collate
+    from kd.forward import fp32_logits, head, response_hidden, teacher_forward
+    from kd.models import load_student, load_teacher, load_tokenizers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(ROOT / "configs/demo.yaml", [f"train.output_dir={tmp}/run"])
+        tok = load_tokenizers(cfg)
+        v = len(tok)
+        train, *_ = build_datasets(cfg.data, tok, cfg.train.seed)
+        batch = collate([train[i] for i in range(16)], tok.pad_token_id)
+        teacher, student = load_teacher(cfg, v, "cpu"), load_student(cfg, v, "cpu")
+        with torch.no_grad():
+            t_logits = fp32_logits(teacher_forward(teacher, batch), head(teacher))[:, :v]
+            s_logits = fp32_logits(response_hidden(student, batch, "student"), head(student))[:, :v]
+    error_table(f"Builtin tiny teacher -> tiny student, 16 demo examples ({t_logits.shape[0]} tokens), V = {v}, "
+                f"{caches} seeded caches per row", t_logits, s_logits, batch["labels"], draws, caches)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", choices=("bytes", "error", "demo"), default=None)
+    ap.add_argument("--caches", type=int, default=200)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    if args.part in (None, "bytes"):
+        part_bytes()
+    if args.part in (None, "error"):
+        part_error(args.caches)
+    if args.part in (None, "demo"):
+        part_demo(args.caches)
+
+
+if __name__ == "__main__":
+    main()
