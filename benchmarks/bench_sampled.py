@@ -8,8 +8,9 @@ bytes: on synthetic LLM-like logits (V = 32000, the generator of bench_cache.py:
        k * (2 + 4) + 4 m, with m = 4 served temperatures (1, 2, 4, 8) for both. Also the on-disk
        shard bytes of `kd.cache --format sampled` on the demo data (vocabulary 520).
 error: the forward-KL gradient w.r.t. the student logits (alpha = 0), against the live one, for
-       --caches independently seeded sampled caches (as stored: log q rounded to fp16) and for the
-       top-k cache of about the same bytes (deterministic: its bias is its error):
+       --caches independently seeded sampled caches (as stored: log q rounded to fp16), drawn at the
+       training temperature T0 = T and, for T > 1, at T0 = 1; and for the top-k cache of about the
+       same bytes (deterministic: its bias is its error):
          bias      ||mean over caches - live|| / ||live||, next to its noise floor
                    ||standard error of the mean|| / ||live|| (bias consistent with 0 when the two
                    are alike; an unbiased estimator's bias shrinks as 1/sqrt(caches))
@@ -93,29 +94,38 @@ def error_table(title: str, teacher, student, labels, draws, caches: int, temps=
         spec = LossSpec(vocab_size=v, alpha=0.0, temperature=t)
         live = _grad(lambda s: kd_loss(s, teacher, labels, spec), student)
         norm = live.norm().item()
-        for n in draws:
-            total, total_sq, errs, uniq = torch.zeros_like(live), torch.zeros_like(live), [], []
-            for c in range(caches):
-                cached = teacher_sample(teacher, n, v, TEMPS, generator=torch.Generator().manual_seed(10_000 + c))
-                cached = cached._replace(logq=cached.logq.half().float())  # as stored on disk
-                uniq.append((cached.freq > 0).sum(-1).float().mean().item())
-                g = _grad(lambda s: sampled_kd_loss(s, cached, labels, spec), student)
-                total += g
-                total_sq += g * g
-                errs.append((g - live).norm().item() / norm)
-            mean = total / caches
-            se = ((total_sq / caches - mean * mean).clamp_min(0) * caches / (caches - 1) / caches).sqrt()
-            u = sum(uniq) / len(uniq)
-            print(f"| {t:g} | sampled N = {n} ({u:.1f} unique) | {sampled_bytes(u, v):.0f} | "
-                  f"{(mean - live).norm().item() / norm:.2%} | {se.norm().item() / norm:.2%} | "
-                  f"{sum(errs) / len(errs):.2%} |")
-            k = max(1, round((sampled_bytes(u, v) - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
-            top = teacher_topk(teacher, k, v, TEMPS)
-            g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec,
-                                             tail_temperatures=TEMPS), student)
-            e = (g - live).norm().item() / norm
-            print(f"| {t:g} | top-k, k = {k} (same bytes) | {topk_bytes(k, v):.0f} | {e:.2%} | 0 (deterministic) | "
-                  f"{e:.2%} |")
+        # the proposal at T itself, and one at T = 1 for T > 1 (the temperature the samples are
+        # usually drawn at): weights p_T / q then grow with the vocabulary (module doc of kd.loss.sampled)
+        for t0 in ([t] if t == 1.0 else [t, 1.0]):
+            for n in draws:
+                total, total_sq, errs, uniq = torch.zeros_like(live), torch.zeros_like(live), [], []
+                for c in range(caches):
+                    cached = teacher_sample(teacher, n, v, (t,), proposal=t0,
+                                            generator=torch.Generator().manual_seed(10_000 + c))
+                    cached = cached._replace(logq=cached.logq.half().float())  # as stored on disk
+                    uniq.append((cached.freq > 0).sum(-1).float().mean().item())
+                    g = _grad(lambda s: sampled_kd_loss(s, cached, labels, spec), student)
+                    total += g
+                    total_sq += g * g
+                    errs.append((g - live).norm().item() / norm)
+                mean = total / caches
+                se = ((total_sq / caches - mean * mean).clamp_min(0) * caches / (caches - 1) / caches).sqrt()
+                u = sum(uniq) / len(uniq)
+                print(f"| {t:g} | sampled N = {n} at T0 = {t0:g} ({u:.1f} unique) | {sampled_bytes(u, v):.0f} | "
+                      f"{(mean - live).norm().item() / norm:.2%} | {se.norm().item() / norm:.2%} | "
+                      f"{sum(errs) / len(errs):.2%} |", flush=True)
+                if t0 != t:
+                    continue
+                k = max(1, round((sampled_bytes(u, v) - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
+                top = teacher_topk(teacher, k, v, TEMPS)
+                g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec,
+                                                 tail_temperatures=TEMPS), student)
+                e = (g - live).norm().item() / norm
+                print(f"| {t:g} | top-k, k = {k} (same bytes) | {topk_bytes(k, v):.0f} | {e:.2%} | "
+                      f"0 (deterministic) | {e:.2%} |", flush=True)
+        if t == 1.0:  # context: one draw is what the hard label of CE is, as an estimate of this gradient
+            g = student[:, :v].float().softmax(-1) - torch.nn.functional.one_hot(labels, v).float()  # CE's gradient
+            print(f"| 1 | one teacher sample (a hard label) | – | – | – | {(g - live).norm().item() / norm:.2%} |")
 
 
 def part_error(caches: int, draws=(16, 32, 64)) -> None:

@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="sampled: the teacher temperature drawn from (default 1)")
     ap.add_argument("--sample-seed", type=int, default=0,
                     help="sampled: seed of the draws (with each example's id; default 0)")
-    ap.add_argument("--tail-temperatures", default="1,2,4,8",
-                    help="temperatures the cache serves exactly (topk: tail mass stored; sampled: one number per "
-                         "token each; 1 is always included; default 1,2,4,8)")
+    ap.add_argument("--tail-temperatures", default=None,
+                    help="temperatures the cache serves exactly (topk: tail mass stored, 1 always included, default "
+                         "1,2,4,8; sampled: one number per token each, none above the proposal's, default the "
+                         "proposal's and 1 if lower)")
     ap.add_argument("--shard-examples", type=int, default=256, help="examples per shard file (default 256)")
     ap.add_argument("--batch-size", type=int, default=None, help="teacher micro-batch (default train.micro_batch_size)")
     ap.add_argument("--device-map", default=None,
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
             overrides = [*overrides, f"teacher.cache={args.out}"]
         quiet_libraries()
         try:
-            temps = [float(t) for t in args.tail_temperatures.split(",") if t.strip()]
+            temps = None if args.tail_temperatures is None else \
+                [float(t) for t in args.tail_temperatures.split(",") if t.strip()]
         except ValueError:
             raise CacheError(f"--tail-temperatures takes numbers, not {args.tail_temperatures!r}") from None
         build_cache(load_config(path, overrides), k=args.k, tail_temperatures=temps, shard_examples=args.shard_examples,

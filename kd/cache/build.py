@@ -13,7 +13,7 @@ from kd.cache.store import (MANIFEST, CacheError, _diff, _settings, _teacher_fil
                             read_manifest, shard_name)
 from kd.forward import fp32_logits, head, teacher_forward
 from kd.integrity import digests, problems
-from kd.loss.sampled import teacher_sample
+from kd.loss.sampled import teacher_sample, unservable
 from kd.loss.topk import teacher_topk
 
 # rows of teacher logits materialised at once while building (bounds the [rows, V] fp32 buffer)
@@ -70,7 +70,7 @@ def _shard_tensors(teacher, examples: list[dict], pad_id: int, settings: dict, t
             "offsets": torch.cat([n.new_zeros(1), n.cumsum(0)])}
 
 
-def build_cache(cfg, *, k: int = 64, tail_temperatures=(1.0, 2.0, 4.0, 8.0), shard_examples: int = 256,
+def build_cache(cfg, *, k: int = 64, tail_temperatures=None, shard_examples: int = 256,
                 batch_size: int | None = None, device_map: str | None = None, log=print,
                 cache_format: str = "topk", draws: int = 32, proposal_temperature: float = 1.0,
                 sample_seed: int = 0) -> dict:
@@ -78,7 +78,12 @@ def build_cache(cfg, *, k: int = 64, tail_temperatures=(1.0, 2.0, 4.0, 8.0), sha
     to cfg.teacher.cache. Collective under `accelerate launch`: shard i goes to rank i % world.
     Finished shards are skipped (the teacher is not even loaded if none is left). -> manifest.
     cache_format "topk" keeps the k largest logits; "sampled" keeps `draws` draws from the teacher
-    at `proposal_temperature` (kd.loss.sampled), seeded by (sample_seed, example id)."""
+    at `proposal_temperature` (kd.loss.sampled), seeded by (sample_seed, example id).
+    `tail_temperatures`: those served exactly; default 1, 2, 4, 8 (topk), or the proposal's and 1 if
+    lower (sampled, which serves none above its proposal's)."""
+    if tail_temperatures is None:
+        tail_temperatures = (1.0, 2.0, 4.0, 8.0) if cache_format == "topk" else \
+            (1.0,) if proposal_temperature >= 1.0 else ()
     from accelerate import PartialState
 
     from kd.data import build_datasets
@@ -106,6 +111,13 @@ def build_cache(cfg, *, k: int = 64, tail_temperatures=(1.0, 2.0, 4.0, 8.0), sha
         raise CacheError("--shard-examples must be >= 1")
     temps = sorted({1.0, *(float(t) for t in tail_temperatures)})
     if cache_format == "sampled":  # the temperatures served: the proposal's first, then the stored c_T
+        temps = sorted({*(float(t) for t in tail_temperatures), float(proposal_temperature)})
+        high = unservable(temps, proposal_temperature)
+        if high:
+            raise CacheError(f"a sampled cache drawn at --proposal-temperature {proposal_temperature:g} cannot serve "
+                             f"T = {', '.join(f'{t:g}' for t in high)} (importance weights above the proposal's "
+                             f"temperature have a variance that grows with the vocabulary, kd/loss/sampled.py); raise "
+                             f"--proposal-temperature to the highest T you will train at")
         temps = [float(proposal_temperature)] + [t for t in temps if t != float(proposal_temperature)]
     if temps[0] <= 0:
         raise CacheError(f"--tail-temperatures must be > 0, got {tail_temperatures}")

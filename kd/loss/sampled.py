@@ -39,9 +39,17 @@ a mixture containing p; TVD takes |p - s|. Plugging p_hat into them is biased (e
 |p - s|), so a run that asks one of them of a sampled cache is refused in one line (`check_serves`).
 Hard-label CE uses the data's own tokens and is exact.
 
-Variance: a token whose teacher is near-deterministic is drawn N times and costs nothing; the
-variance is concentrated where the teacher is uncertain, which is where soft targets carry
-information. Measured bias, error and bytes: benchmarks/README.md.
+Variance, and which temperatures a cache serves
+-----------------------------------------------
+The estimate is unbiased at every T, but its variance is sum_u p_T(u)^2 / q(u) - (sum p_T)^2 per
+draw. For T <= T0 the target is more peaked than the proposal and the weights are bounded
+(p_T(u) / q(u) <= 1 / q(top)); for T > T0 the target has the heavier tail, and on a Zipf-like teacher
+the sum grows with the vocabulary: measured on V = 32000 LLM-like logits, drawing at T0 = 1 and
+training at T = 2 gives a per-cache gradient error above 1000 % (benchmarks/README.md). So a cache
+serves only temperatures at or below its proposal's: draw at the highest temperature a sweep will
+use. A token whose teacher is near-deterministic is drawn N times and costs nothing; the variance
+is concentrated where the teacher is uncertain, which is where soft targets carry information.
+Measured bias, error and bytes: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -84,9 +92,15 @@ def check_serves(spec: LossSpec, temperatures) -> str | None:
     temps = [float(t) for t in (temperatures.tolist() if torch.is_tensor(temperatures) else temperatures)]
     if not any(math.isclose(spec.temperature, t) for t in temps):
         return (f"the sampled teacher cache serves temperatures {', '.join(f'{t:g}' for t in temps)}, not "
-                f"loss.temperature={spec.temperature:g}; rebuild it with --tail-temperatures including "
-                f"{spec.temperature:g}")
+                f"loss.temperature={spec.temperature:g}; rebuild it with --proposal-temperature at least "
+                f"{spec.temperature:g} and --tail-temperatures including it")
     return None
+
+
+def unservable(temperatures, proposal: float) -> list[float]:
+    """The temperatures above the proposal's: their importance weights have a variance that grows
+    with the vocabulary (module doc), so a cache does not serve them."""
+    return [float(t) for t in temperatures if float(t) > float(proposal) + 1e-9]
 
 
 def _column(temperatures: torch.Tensor, temperature: float) -> int:

@@ -39,8 +39,8 @@ def sixteen(small_data, path, **extra):
 def sampled(small_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("sampled") / "cache"
     cfg = sixteen(small_data, path)
-    build_cache(cfg, cache_format="sampled", draws=DRAWS, tail_temperatures=TEMPS, shard_examples=5,
-                sample_seed=3, log=lambda *a: None)
+    build_cache(cfg, cache_format="sampled", draws=DRAWS, tail_temperatures=TEMPS, proposal_temperature=2.0,
+                shard_examples=5, sample_seed=3, log=lambda *a: None)
     tok = load_tokenizers(cfg)
     train, _, _, _ = build_datasets(cfg.data, tok, cfg.train.seed)
     return cfg, path, tok, train
@@ -58,7 +58,7 @@ def test_stored_draws_are_the_live_teachers_seeded_draws(sampled):
     start = 0
     for e in exs:
         n = e["n_response"]
-        want = teacher_sample(logits[start:start + n], DRAWS, v, TEMPS,
+        want = teacher_sample(logits[start:start + n], DRAWS, v, TEMPS, proposal=2.0,
                               generator=example_generator(3, e["example_id"], "cpu"))
         u = want.ids.shape[1]
         rows = slice(start, start + n)
@@ -67,12 +67,12 @@ def test_stored_draws_are_the_live_teachers_seeded_draws(sampled):
         torch.testing.assert_close(got.logq[rows, :u], want.logq, rtol=1e-3, atol=1e-3)  # fp16 on disk
         torch.testing.assert_close(got.log_norm[rows], want.log_norm, rtol=0, atol=1e-6)
         start += n
-    assert got.temperatures.tolist() == [1.0, 2.0] and got.proposal.tolist() == [1.0]
+    assert got.temperatures.tolist() == [2.0, 1.0] and got.proposal.tolist() == [2.0]
     m = json.loads((path / "manifest.json").read_text())
     assert m["cache_format"] == "sampled" and m["draws"] == DRAWS and "k" not in m
     shard = load_file(path / "train-00000.safetensors")
     assert shard["counts"].dtype == torch.uint8 and shard["logq"].dtype == torch.float16
-    assert shard["ids"].dtype == torch.int16 and shard["log_norm"].shape[1] == 1  # T = 2 only: c_1 = 0
+    assert shard["ids"].dtype == torch.int16 and shard["log_norm"].shape[1] == 1  # T = 1 only: c_2 = 0
     assert int(shard["counts"].long().sum()) == DRAWS * int(shard["n_unique"].numel())
 
 
@@ -80,7 +80,7 @@ def test_draws_depend_on_the_example_not_on_how_the_build_was_sharded(sampled, s
     cfg, path, tok, train = sampled
     other = tmp_path / "one-shard"
     build_cache(sixteen(small_data, other), cache_format="sampled", draws=DRAWS, tail_temperatures=TEMPS,
-                shard_examples=16, sample_seed=3, log=lambda *a: None)
+                proposal_temperature=2.0, shard_examples=16, sample_seed=3, log=lambda *a: None)
     a = TeacherCache.open(cfg, tok, train, None)
     b = TeacherCache(other, json.loads((other / "manifest.json").read_text()))
     batch = collate([train[i] for i in range(16)], tok.pad_token_id)
@@ -123,7 +123,7 @@ def test_cached_loss_is_the_loss_on_the_draws_packed_or_padded(sampled):
 def test_a_loss_the_cache_cannot_serve_is_refused_at_open(sampled, small_data):
     cfg, path, tok, train = sampled
     for extra, message in ((["loss.divergence=reverse_kl"], "unbiased only for forward KL"),
-                           (["loss.temperature=3.0"], "serves temperatures 1, 2, not loss.temperature=3")):
+                           (["loss.temperature=3.0"], "serves temperatures 2, 1, not loss.temperature=3")):
         bad = load_config(DEMO, tiny_overrides(small_data, path.parent / "run", **{
             "teacher.cache": str(path), "data.train_files": f"[{small_data['eval']}]", "data.eval_files": "[]",
             "data.eval_fraction": 0}) + extra)
@@ -135,19 +135,25 @@ def test_a_loss_the_cache_cannot_serve_is_refused_at_open(sampled, small_data):
     TeacherCache.open(ce_only, tok, train, None)
 
 
+def test_a_temperature_above_the_proposals_is_refused_at_build(small_data, tmp_path):
+    with pytest.raises(CacheError, match="cannot serve T = 2.*raise --proposal-temperature"):
+        build_cache(sixteen(small_data, tmp_path / "c"), cache_format="sampled", draws=4, tail_temperatures=(1.0, 2.0),
+                    log=lambda *a: None)
+
+
 def test_the_cli_builds_a_sampled_cache_and_trains_and_evaluates_from_it(small_data, tmp_path):
     cache = tmp_path / "cache"
     base = tiny_overrides(small_data, tmp_path / "run", **{"train.eval_every": 2, "log.tracker": "none",
                                                            "train.export": "false"})
     res = subprocess.run([sys.executable, "-m", "kd.cache", "--config", DEMO, *base, f"teacher.cache={cache}",
-                          "--format", "sampled", "--draws", "8", "--tail-temperatures", "1,2"],
+                          "--format", "sampled", "--draws", "8", "--proposal-temperature", "2"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "bytes/token" in res.stdout and "8 draws at T=1" in res.stdout
+    assert "bytes/token" in res.stdout and "8 draws at T=2" in res.stdout
     res = subprocess.run([sys.executable, "-m", "kd.train", "--config", DEMO, *base, f"teacher.cache={cache}",
                           "loss.temperature=2.0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "cached 8 samples per token" in res.stdout + res.stderr
+    assert "cached 8 samples per token (T=2; serves T = 2, 1)" in res.stdout + res.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval/kd" in r]
     assert evals and all(torch.isfinite(torch.tensor(r["eval/kd"])) for r in evals)
