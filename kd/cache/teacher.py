@@ -31,10 +31,12 @@ class CachedDistiller(Distiller):
             cached = CachedTopK(labels.new_zeros(n, 0), h.new_zeros(n, 0), h.new_zeros(n, 1), h.new_ones(1))
         if isinstance(cached, CachedSample):
             fixed = cached[4:]  # temperatures and proposal: not per row
+            temps = cached.temperatures.tolist()  # once per micro-batch, not once per chunk
             rows = (h, labels, *cached[:4])
 
             def sums(h_c, labels_c, *cached_c):
-                p = sampled_kd_loss(fp32_logits(h_c, s_head), CachedSample(*cached_c, *fixed), labels_c, spec)
+                p = sampled_kd_loss(fp32_logits(h_c, s_head), CachedSample(*cached_c, *fixed), labels_c, spec,
+                                    temperatures=temps)
                 return p.weighted_sum, p.ce_sum, p.kd_sum
         else:
             temps = cached.tail_temperatures.tolist()

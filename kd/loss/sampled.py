@@ -103,12 +103,18 @@ def unservable(temperatures, proposal: float) -> list[float]:
     return [float(t) for t in temperatures if float(t) > float(proposal) + 1e-9]
 
 
-def _column(temperatures: torch.Tensor, temperature: float) -> int:
-    for i, t in enumerate(temperatures.tolist()):
+def _column(temperatures: list[float], temperature: float) -> int:
+    for i, t in enumerate(temperatures):
         if math.isclose(t, temperature):
             return i
     raise ValueError(f"temperature {temperature:g} is not served by this sampled cache "
-                     f"({', '.join(f'{t:g}' for t in temperatures.tolist())})")
+                     f"({', '.join(f'{t:g}' for t in temperatures)})")
+
+
+def _host(cached: CachedSample, temperatures: list[float] | None) -> list[float]:
+    """The served temperatures as floats, proposal first. Callers that score many chunks of one
+    micro-batch pass them once (`temperatures`): reading the tensor is a host sync on a GPU."""
+    return cached.temperatures.tolist() if temperatures is None else temperatures
 
 
 @torch.no_grad()
@@ -144,37 +150,42 @@ def teacher_sample(logits: torch.Tensor, draws: int, vocab_size: int, temperatur
                         torch.tensor([float(proposal)], device=z.device))
 
 
-def sampled_target(cached: CachedSample, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_target(cached: CachedSample, temperature: float,
+                   temperatures: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (p_hat [N, U], log p_T [N, U]) at the drawn ids (module doc); p_hat is 0 on padding."""
-    j = _column(cached.temperatures, temperature)
-    r = float(cached.proposal[0]) / temperature
+    temps = _host(cached, temperatures)
+    j = _column(temps, temperature)
+    r = temps[0] / temperature  # the proposal's temperature comes first
     logq = cached.logq.float()
     log_p = r * logq + cached.log_norm[:, j:j + 1].float()
     p_hat = cached.freq.float() * torch.exp(log_p - logq)
     return torch.where(cached.freq > 0, p_hat, 0.0), log_p
 
 
-def sampled_forward_kl(student_logits: torch.Tensor, cached: CachedSample, temperature: float) -> torch.Tensor:
+def sampled_forward_kl(student_logits: torch.Tensor, cached: CachedSample, temperature: float,
+                       temperatures: list[float] | None = None) -> torch.Tensor:
     """Unbiased estimate of KL(p_T || softmax(student / T)) per row [N] (module doc)."""
     s = student_logits.float() / temperature
     log_s = s.gather(-1, cached.ids.long()) - s.logsumexp(-1, keepdim=True)
-    p_hat, log_p = sampled_target(cached, temperature)
+    p_hat, log_p = sampled_target(cached, temperature, temperatures)
     return (p_hat * (log_p - log_s)).sum(-1)
 
 
 def sampled_kd_loss(student_logits: torch.Tensor, cached: CachedSample, labels: torch.Tensor,
-                    spec: LossSpec) -> LossParts:
+                    spec: LossSpec, *, temperatures: list[float] | None = None) -> LossParts:
     """`kd.loss.dense.kd_loss` with the teacher given by its cached samples: token sums, fp32.
-    Forward KL only (`check_serves`); CE on the labels is exact."""
+    Forward KL only (`check_serves`); CE on the labels is exact. `temperatures`: the cache's served
+    temperatures as floats, if the caller has them (no host sync here then)."""
     V = spec.vocab_size
     s = student_logits[..., :V].float()
     valid = labels != IGNORE_INDEX
     ce = F.cross_entropy(s, labels, reduction="none", ignore_index=IGNORE_INDEX).sum()
     if spec.needs_teacher:
-        why = check_serves(spec, cached.temperatures)
+        temps = _host(cached, temperatures)
+        why = check_serves(spec, temps)
         if why:
             raise ValueError(why)
-        kd = torch.where(valid, sampled_forward_kl(s, cached, spec.temperature), 0.0).sum()
+        kd = torch.where(valid, sampled_forward_kl(s, cached, spec.temperature, temps), 0.0).sum()
     else:
         kd = ce.new_zeros(())
     return LossParts(spec.mix(ce, kd), ce.detach(), kd.detach(), valid.sum())

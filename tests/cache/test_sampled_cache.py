@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, tiny_overrides
+from conftest import ACCELERATE, ROOT, free_port, tiny_overrides
 from kd.cache.build import build_cache, example_generator
 from kd.cache.store import CacheError, TeacherCache
 from kd.cache.teacher import CachedDistiller
@@ -161,3 +161,29 @@ def test_the_cli_builds_a_sampled_cache_and_trains_and_evaluates_from_it(small_d
                           "loss.divergence=jsd", f"train.output_dir={tmp_path / 'jsd'}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "unbiased only for forward KL" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_build_the_same_shards_and_train_from_them(sampled, small_data, tmp_path):
+    _, ref, _, _ = sampled
+    path = tmp_path / "two-ranks"
+    over = tiny_overrides(small_data, tmp_path / "run", **{
+        "teacher.cache": str(path), "data.train_files": f"[{small_data['eval']}]", "data.eval_files": "[]",
+        "data.eval_fraction": 0, "log.tracker": "none", "train.export": "false"})
+    launch = [ACCELERATE, "launch", "--config_file", "launch/cpu_ddp2.yaml", "--main_process_port", str(free_port()),
+              "--num_cpu_threads_per_process", "1"]
+    res = subprocess.run([*launch, "-m", "kd.cache", "--config", DEMO, *over, "--format", "sampled", "--draws",
+                          str(DRAWS), "--proposal-temperature", "2", "--tail-temperatures", "1,2", "--shard-examples",
+                          "5", "--sample-seed", "3"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "[rank 0] train-00000" in res.stdout and "[rank 1] train-00001" in res.stdout
+    for name in ("train-00000", "train-00001", "train-00002", "train-00003"):  # the same draws on either rank
+        a, b = load_file(path / f"{name}.safetensors"), load_file(ref / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+    launch[5] = str(free_port())
+    res = subprocess.run([*launch, "kd/train.py", "--config", DEMO, *over, "loss.temperature=2.0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows if "train/loss" in r)
