@@ -17,6 +17,9 @@ error: the forward-KL gradient w.r.t. the student logits (alpha = 0), against th
          error     mean over caches of ||one cache - live|| / ||live||
        on the synthetic logits (student = 0.8 teacher + N(0, 1)) and on the builtin tiny demo
        teacher and student (part demo).
+hybrid: the same measurements for an estimator that keeps the exact top-k head and samples only the
+       tail (importance-weighted, unbiased), against top-k at equal bytes; measured here, not built
+       into kd.cache (benchmarks/README.md says why).
 """
 
 from __future__ import annotations
@@ -128,6 +131,70 @@ def error_table(title: str, teacher, student, labels, draws, caches: int, temps=
             print(f"| 1 | one teacher sample (a hard label) | – | – | – | {(g - live).norm().item() / norm:.2%} |")
 
 
+def hybrid_kl(student, teacher, k: int, draws: int, t: float, generator) -> tuple[torch.Tensor, float]:
+    """Forward KL per row from an exact top-k head plus `draws` draws from the teacher's tail (the
+    other V - k tokens) at the proposal T0 = t, importance-weighted as in kd.loss.sampled: unbiased,
+    with the head's share of the variance removed. -> (KL sum, mean unique tail ids per row)."""
+    z = teacher.float() / t
+    lse = z.logsumexp(-1, keepdim=True)
+    top = z.topk(k, dim=-1)
+    s = student.float() / t
+    log_s = s - s.logsumexp(-1, keepdim=True)
+    head = top.values - lse  # exact log p_T of the head
+    kl_head = (head.exp() * (head - log_s.gather(-1, top.indices))).sum(-1)
+    tail = z.scatter(-1, top.indices, float("-inf"))
+    tail_lse = tail.logsumexp(-1, keepdim=True)
+    q_tail = (tail - tail_lse).exp()  # the proposal: the tail at T0 = t, so the tail weights are 1
+    drawn = torch.multinomial(q_tail, draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(z).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=torch.float))
+    p_tail_mass = (tail_lse - lse).exp()
+    p_hat = p_tail_mass * counts / draws  # unbiased for p_T on the tail
+    log_p = z - lse
+    kl_tail = torch.where(counts > 0, p_hat * (log_p - log_s), 0.0).sum(-1)
+    return (kl_head + kl_tail).sum(), (counts > 0).sum(-1).float().mean().item()
+
+
+def hybrid_table(teacher, student, labels, caches: int, heads=(4, 16), draws=16, temps=(1.0, 2.0, 4.0)) -> None:
+    v = teacher.shape[1]
+    print(f"\n#### Hybrid: exact top-k head + {draws} tail draws at T0 = T, {caches} seeded caches per row\n")
+    print("| T | format | bytes / token | bias (‖mean − live‖ / ‖live‖) | noise floor of the bias | error per cache |")
+    print("|--:|---|--:|--:|--:|--:|")
+    for t in temps:
+        spec = LossSpec(vocab_size=v, alpha=0.0, temperature=t)
+        live = _grad(lambda s: kd_loss(s, teacher, labels, spec), student)
+        norm = live.norm().item()
+        for k in heads:
+            total, total_sq, errs, uniq = torch.zeros_like(live), torch.zeros_like(live), [], []
+            for c in range(caches):
+                g_ = torch.Generator().manual_seed(20_000 + c)
+                s = student.clone().requires_grad_()
+                kl, u = hybrid_kl(s, teacher, k, draws, t, g_)
+                (t * t * kl).backward()  # the T^2 of LossSpec.mix with alpha = 0
+                total += s.grad
+                total_sq += s.grad * s.grad
+                errs.append((s.grad - live).norm().item() / norm)
+                uniq.append(u)
+            mean = total / caches
+            se = ((total_sq / caches - mean * mean).clamp_min(0) * caches / (caches - 1) / caches).sqrt()
+            u = sum(uniq) / len(uniq)
+            nbytes = topk_bytes(k, v) + sampled_bytes(u, v, 1)  # head as top-k, tail ids + counts + log q
+            print(f"| {t:g} | top-{k} head + {draws} tail draws ({u:.1f} unique) | {nbytes:.0f} | "
+                  f"{(mean - live).norm().item() / norm:.2%} | {se.norm().item() / norm:.2%} | "
+                  f"{sum(errs) / len(errs):.2%} |", flush=True)
+            k2 = max(1, round((nbytes - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
+            top = teacher_topk(teacher, k2, v, TEMPS)
+            g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec,
+                                             tail_temperatures=TEMPS), student)
+            e = (g - live).norm().item() / norm
+            print(f"| {t:g} | top-k, k = {k2} (same bytes) | {topk_bytes(k2, v):.0f} | {e:.2%} | 0 (deterministic) | "
+                  f"{e:.2%} |", flush=True)
+
+
+def part_hybrid(caches: int) -> None:
+    teacher, student, labels = synthetic()
+    hybrid_table(teacher, student, labels, caches)
+
+
 def part_error(caches: int, draws=(16, 32, 64)) -> None:
     teacher, student, labels = synthetic()
     error_table(f"Synthetic LLM-like logits: 256 tokens, V = {teacher.shape[1]}, {caches} seeded caches per row",
@@ -158,7 +225,7 @@ def part_demo(caches: int, draws=(16, 32)) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--part", choices=("bytes", "error", "demo"), default=None)
+    ap.add_argument("--part", choices=("bytes", "error", "demo", "hybrid"), default=None)
     ap.add_argument("--caches", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -168,6 +235,8 @@ def main() -> None:
         part_error(args.caches)
     if args.part in (None, "demo"):
         part_demo(args.caches)
+    if args.part in (None, "hybrid"):
+        part_hybrid(args.caches)
 
 
 if __name__ == "__main__":

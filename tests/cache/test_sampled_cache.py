@@ -179,7 +179,12 @@ def test_two_ranks_build_the_same_shards_and_train_from_them(sampled, small_data
     assert "[rank 0] train-00000" in res.stdout and "[rank 1] train-00001" in res.stdout
     for name in ("train-00000", "train-00001", "train-00002", "train-00003"):  # the same draws on either rank
         a, b = load_file(path / f"{name}.safetensors"), load_file(ref / f"{name}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a), name
+        exact = ("ids", "counts", "n_unique", "example_ids", "offsets")
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in exact), name
+        # the log-sum-exps behind log q and c_T are reduced in another order at another thread count
+        # (the ranks run one thread, this process may run more): equal to rounding, not bitwise
+        torch.testing.assert_close(a["log_norm"], b["log_norm"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["logq"].float(), b["logq"].float(), rtol=1e-3, atol=1e-3)
     launch[5] = str(free_port())
     res = subprocess.run([*launch, "kd/train.py", "--config", DEMO, *over, "loss.temperature=2.0"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600)

@@ -35,6 +35,19 @@ def test_what_is_stored_is_exact():
     assert torch.equal(again.ids, s.ids) and torch.equal(again.freq, s.freq)  # seeded
 
 
+def test_draws_do_not_depend_on_the_thread_count():
+    z = _logits(64, 3000, 4)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(teacher_sample(z, 32, 3000, (0.5,), generator=torch.Generator().manual_seed(9)))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
 def test_many_draws_approach_the_live_loss():
     z, st = _logits(6, 30, 1), _logits(6, 30, 2)
     labels = torch.randint(0, 30, (6,))
