@@ -117,11 +117,24 @@ def _table(title: str, student, teacher, labels, v: int, ks, temps=(1.0, 1.5, 2.
 
 
 def part_error(tmp: Path, ks=(16, 64, 256)) -> None:
+    print("\n### Cached loss vs the exact live loss (KD term, alpha = 0; gradient w.r.t. student logits)")
+    t_logits, s_logits, labels, v = demo_logits(tmp)
+    _table(f"Builtin tiny teacher -> tiny student, 16 demo examples ({t_logits.shape[0]} response tokens), V = {v}",
+           s_logits, t_logits, labels, v, ks, temps=(1.0, 2.0, 4.0), divs=("forward_kl",))
+
+    n, v = 256, 32000
+    teacher_syn, student_syn, labels = synthetic_logits(n, v)
+    _table(f"Synthetic LLM-like logits: {n} tokens, V = {v}, Zipf exponents 1.5-3, student = 0.8 teacher + N(0, 1)",
+           student_syn, teacher_syn, labels, v, ks)
+
+
+def demo_logits(tmp: Path):
+    """The builtin tiny teacher's and student's fp32 logits on 16 demo examples' response tokens:
+    (teacher [N, V], student [N, Vs], labels [N], V)."""
     from kd.data import build_datasets, collate
     from kd.forward import fp32_logits, head, response_hidden, teacher_forward
     from kd.models import load_student, load_teacher, load_tokenizers
 
-    print("\n### Cached loss vs the exact live loss (KD term, alpha = 0; gradient w.r.t. student logits)")
     cfg = demo_config(tmp, 64, tmp / "unused")
     tok = load_tokenizers(cfg)
     v = len(tok)
@@ -131,19 +144,20 @@ def part_error(tmp: Path, ks=(16, 64, 256)) -> None:
     with torch.no_grad():
         t_logits = fp32_logits(teacher_forward(teacher, batch), head(teacher))[:, :v]
         s_logits = fp32_logits(response_hidden(student, batch, "student"), head(student))
-    _table(f"Builtin tiny teacher -> tiny student, 16 demo examples ({t_logits.shape[0]} response tokens), V = {v}",
-           s_logits, t_logits, batch["labels"], v, ks, temps=(1.0, 2.0, 4.0), divs=("forward_kl",))
+    return t_logits, s_logits, batch["labels"], v
 
-    g = torch.Generator().manual_seed(0)
-    n, v = 256, 32000
+
+def synthetic_logits(n: int = 256, v: int = 32000, seed: int = 0):
+    """LLM-like logits: each row a Zipf-ranked teacher (exponent 1.5-3) over a random permutation of
+    the vocabulary, a student = 0.8 teacher + N(0, 1), labels drawn from the teacher."""
+    g = torch.Generator().manual_seed(seed)
     exponent = 1.5 + 1.5 * torch.rand(n, 1, generator=g)
     ranked = -exponent * torch.log(torch.arange(1, v + 1, dtype=torch.float32)) + 0.3 * torch.randn(n, v, generator=g)
     perm = torch.argsort(torch.rand(n, v, generator=g), dim=-1)
-    teacher_syn = torch.empty(n, v).scatter_(-1, perm, ranked)  # each row ranks a random permutation of the vocabulary
-    student_syn = 0.8 * teacher_syn + 1.0 * torch.randn(n, v, generator=g)
-    labels = torch.multinomial(teacher_syn.softmax(-1), 1, generator=g).squeeze(-1)
-    _table(f"Synthetic LLM-like logits: {n} tokens, V = {v}, Zipf exponents 1.5-3, student = 0.8 teacher + N(0, 1)",
-           student_syn, teacher_syn, labels, v, ks)
+    teacher = torch.empty(n, v).scatter_(-1, perm, ranked)
+    student = 0.8 * teacher + 1.0 * torch.randn(n, v, generator=g)
+    labels = torch.multinomial(teacher.softmax(-1), 1, generator=g).squeeze(-1)
+    return teacher, student, labels
 
 
 # --------------------------------------------------------------------------- time

@@ -36,20 +36,9 @@ import torch  # noqa: E402
 from kd.loss import LossSpec, kd_loss  # noqa: E402
 from kd.loss.sampled import sampled_kd_loss, teacher_sample  # noqa: E402
 from kd.loss.topk import teacher_topk, topk_kd_loss  # noqa: E402
+from bench_cache import demo_logits, synthetic_logits as synthetic  # noqa: E402  (the same logits as its table)
 
 TEMPS = (1.0, 2.0, 4.0, 8.0)
-
-
-def synthetic(n: int = 256, v: int = 32000, seed: int = 0):
-    """The LLM-like logits of bench_cache.py (same construction, same seed)."""
-    g = torch.Generator().manual_seed(seed)
-    exponent = 1.5 + 1.5 * torch.rand(n, 1, generator=g)
-    ranked = -exponent * torch.log(torch.arange(1, v + 1, dtype=torch.float32)) + 0.3 * torch.randn(n, v, generator=g)
-    perm = torch.argsort(torch.rand(n, v, generator=g), dim=-1)
-    teacher = torch.empty(n, v).scatter_(-1, perm, ranked)
-    student = 0.8 * teacher + 1.0 * torch.randn(n, v, generator=g)
-    labels = torch.multinomial(teacher.softmax(-1), 1, generator=g).squeeze(-1)
-    return teacher, student, labels
 
 
 def sampled_bytes(unique: float, v: int, m: int = len(TEMPS)) -> float:
@@ -87,6 +76,33 @@ def _grad(fn, student):
     return s.grad
 
 
+def _spread(grads, live: torch.Tensor) -> tuple[float, float, float]:
+    """Over independently seeded estimates of `live`: (bias ‖mean − live‖, its noise floor ‖standard
+    error of the mean‖, mean error per estimate), each relative to ‖live‖."""
+    norm = live.norm().item()
+    total, total_sq, errs = torch.zeros_like(live), torch.zeros_like(live), []
+    for g in grads:
+        total += g
+        total_sq += g * g
+        errs.append((g - live).norm().item() / norm)
+    m = len(errs)
+    mean = total / m
+    se = ((total_sq / m - mean * mean).clamp_min(0) * m / (m - 1) / m).sqrt()
+    return (mean - live).norm().item() / norm, se.norm().item() / norm, sum(errs) / m
+
+
+def _topk_row(teacher, student, labels, spec: LossSpec, nbytes: float, live: torch.Tensor) -> None:
+    """The top-k cache with about `nbytes` per token: its (deterministic) error is its bias."""
+    v, t = teacher.shape[1], spec.temperature
+    k = max(1, round((nbytes - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
+    top = teacher_topk(teacher, k, v, TEMPS)
+    g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec, tail_temperatures=TEMPS),
+              student)
+    e = (g - live).norm().item() / live.norm().item()
+    print(f"| {t:g} | top-k, k = {k} (same bytes) | {topk_bytes(k, v):.0f} | {e:.2%} | 0 (deterministic) | "
+          f"{e:.2%} |", flush=True)
+
+
 def error_table(title: str, teacher, student, labels, draws, caches: int, temps=(1.0, 2.0, 4.0)) -> None:
     v = teacher.shape[1]
     print(f"\n#### {title}\n")
@@ -101,31 +117,22 @@ def error_table(title: str, teacher, student, labels, draws, caches: int, temps=
         # usually drawn at): weights p_T / q then grow with the vocabulary (module doc of kd.loss.sampled)
         for t0 in ([t] if t == 1.0 else [t, 1.0]):
             for n in draws:
-                total, total_sq, errs, uniq = torch.zeros_like(live), torch.zeros_like(live), [], []
-                for c in range(caches):
-                    cached = teacher_sample(teacher, n, v, (t,), proposal=t0,
-                                            generator=torch.Generator().manual_seed(10_000 + c))
-                    cached = cached._replace(logq=cached.logq.half().float())  # as stored on disk
-                    uniq.append((cached.freq > 0).sum(-1).float().mean().item())
-                    g = _grad(lambda s: sampled_kd_loss(s, cached, labels, spec), student)
-                    total += g
-                    total_sq += g * g
-                    errs.append((g - live).norm().item() / norm)
-                mean = total / caches
-                se = ((total_sq / caches - mean * mean).clamp_min(0) * caches / (caches - 1) / caches).sqrt()
+                uniq = []
+
+                def grads():
+                    for c in range(caches):
+                        cached = teacher_sample(teacher, n, v, (t,), proposal=t0,
+                                                generator=torch.Generator().manual_seed(10_000 + c))
+                        cached = cached._replace(logq=cached.logq.half().float())  # as stored on disk
+                        uniq.append((cached.freq > 0).sum(-1).float().mean().item())
+                        yield _grad(lambda s: sampled_kd_loss(s, cached, labels, spec), student)
+
+                bias, floor, err = _spread(grads(), live)
                 u = sum(uniq) / len(uniq)
                 print(f"| {t:g} | sampled N = {n} at T0 = {t0:g} ({u:.1f} unique) | {sampled_bytes(u, v):.0f} | "
-                      f"{(mean - live).norm().item() / norm:.2%} | {se.norm().item() / norm:.2%} | "
-                      f"{sum(errs) / len(errs):.2%} |", flush=True)
-                if t0 != t:
-                    continue
-                k = max(1, round((sampled_bytes(u, v) - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
-                top = teacher_topk(teacher, k, v, TEMPS)
-                g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec,
-                                                 tail_temperatures=TEMPS), student)
-                e = (g - live).norm().item() / norm
-                print(f"| {t:g} | top-k, k = {k} (same bytes) | {topk_bytes(k, v):.0f} | {e:.2%} | "
-                      f"0 (deterministic) | {e:.2%} |", flush=True)
+                      f"{bias:.2%} | {floor:.2%} | {err:.2%} |", flush=True)
+                if t0 == t:
+                    _topk_row(teacher, student, labels, spec, sampled_bytes(u, v), live)
         if t == 1.0:  # context: one draw is what the hard label of CE is, as an estimate of this gradient
             g = student[:, :v].float().softmax(-1) - torch.nn.functional.one_hot(labels, v).float()  # CE's gradient
             print(f"| 1 | one teacher sample (a hard label) | – | – | – | {(g - live).norm().item() / norm:.2%} |")
@@ -162,32 +169,23 @@ def hybrid_table(teacher, student, labels, caches: int, heads=(4, 16), draws=16,
     for t in temps:
         spec = LossSpec(vocab_size=v, alpha=0.0, temperature=t)
         live = _grad(lambda s: kd_loss(s, teacher, labels, spec), student)
-        norm = live.norm().item()
         for k in heads:
-            total, total_sq, errs, uniq = torch.zeros_like(live), torch.zeros_like(live), [], []
-            for c in range(caches):
-                g_ = torch.Generator().manual_seed(20_000 + c)
-                s = student.clone().requires_grad_()
-                kl, u = hybrid_kl(s, teacher, k, draws, t, g_)
-                (t * t * kl).backward()  # the T^2 of LossSpec.mix with alpha = 0
-                total += s.grad
-                total_sq += s.grad * s.grad
-                errs.append((s.grad - live).norm().item() / norm)
-                uniq.append(u)
-            mean = total / caches
-            se = ((total_sq / caches - mean * mean).clamp_min(0) * caches / (caches - 1) / caches).sqrt()
+            uniq = []
+
+            def grads():
+                for c in range(caches):
+                    s = student.clone().requires_grad_()
+                    kl, u = hybrid_kl(s, teacher, k, draws, t, torch.Generator().manual_seed(20_000 + c))
+                    (t * t * kl).backward()  # the T^2 of LossSpec.mix with alpha = 0
+                    uniq.append(u)
+                    yield s.grad
+
+            bias, floor, err = _spread(grads(), live)
             u = sum(uniq) / len(uniq)
             nbytes = topk_bytes(k, v) + sampled_bytes(u, v, 1)  # head as top-k, tail ids + counts + log q
             print(f"| {t:g} | top-{k} head + {draws} tail draws ({u:.1f} unique) | {nbytes:.0f} | "
-                  f"{(mean - live).norm().item() / norm:.2%} | {se.norm().item() / norm:.2%} | "
-                  f"{sum(errs) / len(errs):.2%} |", flush=True)
-            k2 = max(1, round((nbytes - 4 * len(TEMPS)) / ((2 if v <= 2**15 else 4) + 4)))
-            top = teacher_topk(teacher, k2, v, TEMPS)
-            g = _grad(lambda s: topk_kd_loss(s, top.ids, top.logits, top.tail_lse, labels, spec,
-                                             tail_temperatures=TEMPS), student)
-            e = (g - live).norm().item() / norm
-            print(f"| {t:g} | top-k, k = {k2} (same bytes) | {topk_bytes(k2, v):.0f} | {e:.2%} | 0 (deterministic) | "
-                  f"{e:.2%} |", flush=True)
+                  f"{bias:.2%} | {floor:.2%} | {err:.2%} |", flush=True)
+            _topk_row(teacher, student, labels, spec, nbytes, live)
 
 
 def part_hybrid(caches: int) -> None:
@@ -204,23 +202,10 @@ def part_error(caches: int, draws=(16, 32, 64)) -> None:
 def part_demo(caches: int, draws=(16, 32)) -> None:
     import tempfile
 
-    from kd.config import load_config
-    from kd.data import build_datasets, collate
-    from kd.forward import fp32_logits, head, response_hidden, teacher_forward
-    from kd.models import load_student, load_teacher, load_tokenizers
-
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(ROOT / "configs/demo.yaml", [f"train.output_dir={tmp}/run"])
-        tok = load_tokenizers(cfg)
-        v = len(tok)
-        train, *_ = build_datasets(cfg.data, tok, cfg.train.seed)
-        batch = collate([train[i] for i in range(16)], tok.pad_token_id)
-        teacher, student = load_teacher(cfg, v, "cpu"), load_student(cfg, v, "cpu")
-        with torch.no_grad():
-            t_logits = fp32_logits(teacher_forward(teacher, batch), head(teacher))[:, :v]
-            s_logits = fp32_logits(response_hidden(student, batch, "student"), head(student))[:, :v]
+        t_logits, s_logits, labels, v = demo_logits(Path(tmp))
     error_table(f"Builtin tiny teacher -> tiny student, 16 demo examples ({t_logits.shape[0]} tokens), V = {v}, "
-                f"{caches} seeded caches per row", t_logits, s_logits, batch["labels"], draws, caches)
+                f"{caches} seeded caches per row", t_logits, s_logits[:, :v], labels, draws, caches)
 
 
 def main() -> None:

@@ -216,7 +216,9 @@ class TeacherCache:
         self.sampled = manifest.get("cache_format", "topk") == "sampled"
         self.k = manifest.get("k")
         self.tail_temperatures = torch.tensor(manifest["tail_temperatures"], dtype=torch.float32)
-        self._names = ("ids", "counts", "logq", "log_norm") if self.sampled else ("ids", "logits", "tail_lse")
+        # the sampled format's ids, counts and logq are ragged (indexed by flat entry), the rest by row
+        self._names = ("ids", "counts", "logq", "log_norm", "n_unique") if self.sampled else ("ids", "logits", "tail_lse")
+        self._flat = {"ids", "counts", "logq"} if self.sampled else set()
         self._files: dict[tuple[str, int], tuple] = {}
         # example id -> (shard, first row, rows, first flat entry, flat entries); the flat range is the
         # sampled format's ragged ids (for top-k it equals the row range)
@@ -307,7 +309,6 @@ class TeacherCache:
         if index is None:
             raise CacheError(f"cache {self.path} has no {split} split")
         got: list[list[torch.Tensor]] = [[] for _ in self._names]
-        n_unique = []
         for eid, n in zip(batch["example_ids"].tolist(), batch["n_response"].tolist()):
             hit = index.get(eid)
             if hit is None or hit[2] != n:
@@ -317,25 +318,23 @@ class TeacherCache:
             self._file(split, i)
             slices = self._files[(split, i)][1:]
             for out, name, sl in zip(got, self._names, slices):
-                out.append(sl[lo:hi] if self.sampled and name != "log_norm" else sl[start:start + n])
-            if self.sampled:
-                n_unique.append(self._files[(split, i)][0].get_slice("n_unique")[start:start + n])
+                out.append(sl[lo:hi] if name in self._flat else sl[start:start + n])
         temps = self.tail_temperatures.to(dev)
         if self.sampled:
-            return self._padded(got, n_unique, temps, dev)
+            return self._padded(got, temps, dev)
         if not got[0]:
             return CachedTopK(torch.zeros(0, self.k, dtype=torch.long, device=dev), torch.zeros(0, self.k, device=dev),
                               torch.zeros(0, len(temps), device=dev), temps)
         ids, logits, tails = (torch.cat(x).to(dev) for x in got)
         return CachedTopK(ids.long(), logits, tails, temps)
 
-    def _padded(self, got, n_unique, temps, dev) -> CachedSample:
+    def _padded(self, got, temps, dev) -> CachedSample:
         """The ragged rows of a sampled cache as [rows, U] (U: the most unique ids of a row here)."""
-        ids, counts, logq, log_norm = (torch.cat(x) if x else None for x in got)
+        ids, counts, logq, log_norm, n_u = (torch.cat(x) if x else None for x in got)
         if ids is None:
             z = torch.zeros(0, 0, device=dev)
             return CachedSample(z.long(), z, z, torch.zeros(0, len(temps), device=dev), temps, temps[:1])
-        n_u = torch.cat(n_unique).long()
+        n_u = n_u.long()
         rows = torch.repeat_interleave(torch.arange(n_u.numel()), n_u)
         col = torch.arange(rows.numel()) - (torch.cumsum(n_u, 0) - n_u)[rows]
         shape = (n_u.numel(), int(n_u.max()))
